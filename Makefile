@@ -1,0 +1,29 @@
+# userlab: two commands set everything up on a fresh machine.
+#   make demo   build demo data, train USER and a VSE++ baseline, evaluate, draw figures
+#   make test   run every test (unit, notebooks in smoke mode, browser)
+PY      ?= python3
+VENV    := .venv
+VPY     := $(VENV)/bin/python
+STAMP   := $(VENV)/.installed
+
+.PHONY: demo test install clean-venv
+
+$(STAMP): pyproject.toml
+	test -x $(VPY) || $(PY) -m venv $(VENV)
+	$(VPY) -m pip install --upgrade pip
+	# torch first: these releases lie on local disk; a newer one downloads gigabytes
+	$(VPY) -m pip install torch==2.14.1 torchvision==0.29.1
+	$(VPY) -m pip install -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(VPY) -m userlab demo
+
+test: $(STAMP)
+	bash scripts/setup_browser.sh
+	$(VPY) -m pytest
+
+clean-venv:
+	rm -rf $(VENV)
