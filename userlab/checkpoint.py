@@ -1,0 +1,186 @@
+"""Checkpoints: written atomically, loaded without unpickling arbitrary objects.
+
+A checkpoint is a folder::
+
+    <run_dir>/checkpoints/<tag>-<step>/
+        model.safetensors   the query encoders (what inference and export need)
+        config.json         the ExperimentConfig of the run
+        state.pt            tensors and plain containers only: optimizer, lr schedule, scaler,
+                            momentum encoders, queues (keys, ids, pointer), step, epoch, RNG states
+        vocab.json          the word vocabulary, when the text encoder uses one
+
+The folder is first written under a temporary name and renamed into place; then the small
+pointer file ``<run_dir>/checkpoints/<tag>.txt`` is replaced atomically. A process killed at any
+moment therefore leaves the previous pointer naming a complete folder. ``state.pt`` is read with
+``torch.load(weights_only=True)``, which refuses pickled code.
+"""
+from __future__ import annotations
+
+import os
+import pickle
+import random
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from .errors import CheckpointError
+from .io import atomic_write_text
+
+MODEL_FILE = "model.safetensors"
+STATE_FILE = "state.pt"
+CONFIG_FILE = "config.json"
+
+
+def rng_state() -> dict[str, Any]:
+    """Python, NumPy and torch RNG states as tensors / plain containers (weights_only-safe)."""
+    np_state = np.random.get_state()
+    state = {
+        "python": _python_state_to_list(random.getstate()),
+        "numpy_keys": torch.from_numpy(np_state[1].astype(np.int64)),
+        "numpy_pos": int(np_state[2]),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore what :func:`rng_state` returned."""
+    random.setstate(_python_state_from_list(state["python"]))
+    np.random.set_state(("MT19937", state["numpy_keys"].numpy().astype(np.uint32), state["numpy_pos"], 0, 0.0))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _python_state_to_list(state: tuple) -> list:
+    version, internal, gauss = state
+    return [version, list(internal), gauss]
+
+
+def _python_state_from_list(state: list) -> tuple:
+    version, internal, gauss = state
+    return (version, tuple(internal), gauss)
+
+
+def save_checkpoint(run_dir: str | os.PathLike, tag: str, step: int, model_state: dict[str, torch.Tensor],
+                    train_state: dict[str, Any], config_json: str, vocab_json: Optional[str] = None,
+                    keep: int = 1) -> Path:
+    """Write a checkpoint folder atomically and point ``<tag>.txt`` at it.
+
+    Args:
+        run_dir: the run's folder.
+        tag: ``"last"`` or ``"best"`` (any word).
+        step: global step, part of the folder name.
+        model_state: flat ``{name: tensor}`` of the query encoders.
+        train_state: everything else (tensors and plain containers only).
+        config_json: the run's config as JSON text.
+        vocab_json: the vocabulary as JSON text, if any.
+        keep: how many folders of this tag to keep (older ones are removed after the switch).
+
+    Returns:
+        The checkpoint folder.
+    """
+    root = Path(run_dir) / "checkpoints"
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"{tag}-{step:08d}"
+    tmp = Path(tempfile.mkdtemp(prefix=f".{tag}-", dir=root))
+    try:
+        # safetensors refuses shared storage; contiguous copies make every tensor its own.
+        tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in model_state.items()}
+        save_file(tensors, str(tmp / MODEL_FILE))
+        torch.save(train_state, tmp / STATE_FILE)
+        (tmp / CONFIG_FILE).write_text(config_json, encoding="utf-8")
+        if vocab_json is not None:
+            (tmp / "vocab.json").write_text(vocab_json, encoding="utf-8")
+        for name in os.listdir(tmp):
+            with open(tmp / name, "rb") as fh:
+                os.fsync(fh.fileno())
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    atomic_write_text(root / f"{tag}.txt", final.name + "\n")
+    _prune(root, tag, keep, current=final.name)
+    return final
+
+
+def _prune(root: Path, tag: str, keep: int, current: str) -> None:
+    folders = sorted(p for p in root.glob(f"{tag}-*") if p.is_dir() and p.name != current)
+    for old in folders[: max(0, len(folders) - (keep - 1))]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def find_checkpoint(path: str | os.PathLike, tag: str = "best") -> Path:
+    """Resolve a run folder, a checkpoints folder or a checkpoint folder to a checkpoint folder.
+
+    Raises:
+        CheckpointError: nothing loadable there (names the path and what was looked for).
+    """
+    path = Path(path)
+    if (path / MODEL_FILE).is_file():
+        return path
+    for root in (path / "checkpoints", path):
+        pointer = root / f"{tag}.txt"
+        if pointer.is_file():
+            folder = root / pointer.read_text(encoding="utf-8").strip()
+            if (folder / MODEL_FILE).is_file():
+                return folder
+            raise CheckpointError(pointer, f"points at {folder.name}, which has no {MODEL_FILE}")
+    if not path.exists():
+        raise CheckpointError(path, "no such file or folder")
+    raise CheckpointError(path, f"no checkpoint here: expected {MODEL_FILE} or checkpoints/{tag}.txt")
+
+
+def load_model_state(folder: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Read ``model.safetensors`` from a checkpoint folder."""
+    file = Path(folder) / MODEL_FILE
+    if not file.is_file():
+        raise CheckpointError(file, "missing")
+    try:
+        return load_file(str(file))
+    except Exception as exc:  # safetensors raises its own error types on torn files
+        raise CheckpointError(file, f"not a readable safetensors file ({exc})") from None
+
+
+def load_train_state(folder: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Read ``state.pt`` with ``weights_only=True``: pickled code is refused, never run."""
+    file = Path(folder) / STATE_FILE
+    if not file.is_file():
+        raise CheckpointError(file, "missing")
+    try:
+        return torch.load(file, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise CheckpointError(file, "refused: it holds pickled objects other than tensors and "
+                                    f"plain containers, which userlab never writes ({exc})".splitlines()[0]) from None
+    except (RuntimeError, EOFError, OSError) as exc:
+        raise CheckpointError(file, f"not a readable checkpoint state ({exc})".splitlines()[0]) from None
+
+
+def load_state_dict_checked(module: torch.nn.Module, state: dict[str, torch.Tensor], source: str | os.PathLike) -> None:
+    """``module.load_state_dict`` with a message that names the file and the mismatching tensors."""
+    own = module.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    wrong = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
+    if missing or unexpected or wrong:
+        parts = []
+        if wrong:
+            k = wrong[0]
+            parts.append(f"{len(wrong)} tensors of the wrong shape (e.g. {k}: file {tuple(state[k].shape)}, "
+                         f"model {tuple(own[k].shape)})")
+        if missing:
+            parts.append(f"{len(missing)} missing (e.g. {missing[0]})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected (e.g. {unexpected[0]})")
+        raise CheckpointError(source, "does not match the model: " + "; ".join(parts)
+                              + ". Was it trained with a different model variant or config?")
+    module.load_state_dict(state)

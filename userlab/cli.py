@@ -1,0 +1,160 @@
+"""Command line: ``userlab {demo,extract,train,eval}`` (also ``python -m userlab``).
+
+Every command validates its inputs before work starts and exits with status 2 and a one-line
+message naming the file or field on bad input (``--debug`` shows the traceback).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+from .config import ExperimentConfig, preset, set_dotted
+from .errors import ConfigError, UserlabError
+
+
+def parse_value(text: str) -> Any:
+    """``--set`` values: JSON when it parses (numbers, true/false, null), else the string."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def build_config(args: argparse.Namespace) -> ExperimentConfig:
+    """Preset or JSON file, then ``--data``/``--run-dir`` and ``--set a.b=value`` overrides."""
+    cfg = ExperimentConfig.from_json(args.config) if args.config else preset(args.preset)
+    data = cfg.to_dict()
+    if getattr(args, "data", None):
+        data["data"]["root"] = args.data
+    if getattr(args, "run_dir", None):
+        data["run_dir"] = args.run_dir
+    for item in args.set or []:
+        if "=" not in item:
+            raise ConfigError(item, "--set expects KEY=VALUE, e.g. --set optim.lr=0.001")
+        key, value = item.split("=", 1)
+        set_dotted(data, key.strip(), parse_value(value))
+    return ExperimentConfig.from_dict(data)
+
+
+def _add_config_args(p: argparse.ArgumentParser, default_preset: str = "demo") -> None:
+    p.add_argument("--preset", default=default_preset, help="f30k, coco, demo or vsepp (default: %(default)s)")
+    p.add_argument("--config", help="an ExperimentConfig JSON file (instead of --preset)")
+    p.add_argument("--data", help="data root holding the precomputed features")
+    p.add_argument("--run-dir", help="where logs and checkpoints go")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="override a config field, e.g. --set optim.epochs=5 (repeatable)")
+
+
+def make_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="userlab", description=__doc__.splitlines()[0])
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("demo", help="build the demo scenes, train USER and VSE++, evaluate, draw figures")
+    p.add_argument("--out", default="data/demo", help="demo data folder (default: %(default)s)")
+    p.add_argument("--runs", default="runs", help="folder for the two runs (default: %(default)s)")
+    p.add_argument("--figures", default="figures", help="folder for figures (default: %(default)s)")
+    p.add_argument("--data-only", action="store_true", help="stop after building the data")
+    p.add_argument("--epochs", type=int, help="override the demo preset's epochs")
+    p.add_argument("--smoke", action="store_true", help="tiny data and a few steps (seconds)")
+
+    p = sub.add_parser("extract", help="region + guide features for your own images (SCAN layout)")
+    p.add_argument("--images", required=True, help="image folder")
+    p.add_argument("--captions", required=True, help="captions file: '<image>\\t<caption>' lines, 5 per image")
+    p.add_argument("--out", required=True, help="output folder (precomputed layout)")
+    p.add_argument("--split", default="train")
+    p.add_argument("--regions", choices=["grid", "boxes"], default="grid")
+    p.add_argument("--boxes", help="boxes file for --regions boxes")
+    p.add_argument("--guide", choices=["backbone", "open_clip", "hf_clip"], default="backbone")
+    p.add_argument("--guide-model", default="ViT-B-32", help="open_clip architecture name")
+    p.add_argument("--guide-path", help="local checkpoint file (open_clip) or folder (hf_clip)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--device", default=None)
+
+    p = sub.add_parser("train", help="train a model from a preset or config file")
+    _add_config_args(p)
+    p.add_argument("--no-resume", action="store_true", help="start afresh even if run-dir has a checkpoint")
+    p.add_argument("--max-steps", type=int, help="stop after this many steps")
+    p.add_argument("--checkpoint-every", type=int, default=0, help="also checkpoint every N steps")
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--tensorboard", action="store_true")
+
+    p = sub.add_parser("eval", help="evaluate one run, or an ensemble of several")
+    p.add_argument("runs", nargs="+", help="run or checkpoint folders (several: ensemble)")
+    p.add_argument("--data", help="data root (default: the run's own)")
+    p.add_argument("--split", default="test")
+    p.add_argument("--protocol", default="full", help="full, f30k_1k, coco_1k_5fold or coco_5k")
+    p.add_argument("--tag", default="best", help="best or last checkpoint")
+    p.add_argument("--save-sims", help="write the similarity matrix (.npy) for later ensembles")
+    p.add_argument("--csv", help="also write the metrics table here")
+    return parser
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .train import Trainer
+    cfg = build_config(args)
+    trainer = Trainer(cfg, resume=not args.no_resume, progress=not args.no_progress,
+                      max_steps=args.max_steps, checkpoint_every=args.checkpoint_every,
+                      tensorboard=args.tensorboard)
+    history = trainer.fit()
+    if trainer.rank == 0 and len(history):
+        print(history.tail(1).to_string(index=False))
+        print(f"best dev rSum {trainer.best_rsum:.2f}; checkpoints in {Path(cfg.run_dir) / 'checkpoints'}")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from .evaluate import evaluate_ensemble, format_table, save_sims
+    from .runs import similarity_for_run
+    sims = [similarity_for_run(run, split=args.split, data_root=args.data, tag=args.tag) for run in args.runs]
+    df = evaluate_ensemble(sims, protocol=args.protocol) if len(sims) > 1 else None
+    if df is None:
+        from .evaluate import evaluate_sims
+        df = evaluate_sims(sims[0], protocol=args.protocol)
+    df.insert(0, "model", "ensemble" if len(sims) > 1 else Path(args.runs[0]).name)
+    print(format_table(df))
+    if args.save_sims:
+        import torch
+        save_sims(args.save_sims, torch.stack([torch.as_tensor(s) for s in sims]).mean(0))
+    if args.csv:
+        from .io import atomic_write_text
+        atomic_write_text(args.csv, df.to_csv(index=False))
+    return 0
+
+
+def cmd_extract(args: argparse.Namespace) -> int:
+    from .data.features import extract_folder
+    out = extract_folder(args.images, args.captions, args.out, split=args.split, regions=args.regions,
+                         boxes_file=args.boxes, guide=args.guide, guide_model=args.guide_model,
+                         guide_path=args.guide_path, batch_size=args.batch_size, device=args.device)
+    print(f"wrote {out}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+    run_demo(out=args.out, runs=args.runs, figures=args.figures, data_only=args.data_only,
+             epochs=args.epochs, smoke=args.smoke)
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "extract": cmd_extract, "demo": cmd_demo}
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = make_parser()
+    args = parser.parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except UserlabError as exc:
+        if args.debug:
+            raise
+        print(f"userlab {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

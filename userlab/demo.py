@@ -1,0 +1,105 @@
+"""``make demo``: demo scenes -> USER and VSE++ trained the same way -> test metrics -> figures."""
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from math import comb
+from pathlib import Path
+from typing import Optional
+
+import pandas as pd
+
+from .config import ExperimentConfig, preset
+
+
+def chance_metrics(n_images: int, captions_per_image: int = 5) -> dict[str, float]:
+    """Expected R@K of a model that ranks at random (percent), and their rSum."""
+    out = {}
+    n_caps = n_images * captions_per_image
+    for k in (1, 5, 10):
+        # i2t: at least one of the image's captions among the top K of n_caps
+        miss = comb(n_caps - captions_per_image, k) / comb(n_caps, k)
+        out[f"i2t_R@{k}"] = 100.0 * (1.0 - miss)
+        out[f"t2i_R@{k}"] = 100.0 * k / n_images
+    out["rsum"] = sum(out.values())
+    return out
+
+
+def _fresh_run_dir(cfg: ExperimentConfig) -> None:
+    """Keep a finished or interrupted run only if it was made with exactly this config."""
+    run = Path(cfg.run_dir)
+    saved = run / "config.json"
+    if saved.is_file() and json.loads(saved.read_text()) != json.loads(json.dumps(cfg.to_dict())):
+        shutil.rmtree(run)
+
+
+def demo_configs(data_root: str, runs: str, epochs: Optional[int] = None, smoke: bool = False
+                 ) -> dict[str, ExperimentConfig]:
+    """The two configurations the demo compares: USER and a VSE++ baseline on the same data."""
+    configs = {}
+    for name, key in (("USER", "demo"), ("VSE++", "vsepp")):
+        cfg = preset(key)
+        cfg.data.root = data_root
+        cfg.run_dir = str(Path(runs) / f"demo_{key if key != 'demo' else 'user'}")
+        if epochs is not None:
+            cfg.optim.epochs = epochs
+            cfg.optim.lr_step = max(1, (3 * epochs) // 4)
+        if smoke:
+            cfg.data.batch_size = 16
+            cfg.momentum.queue_size = 64
+            cfg.optim.epochs, cfg.optim.lr_step = 1, 0
+            cfg.run_dir = str(Path(runs) / f"smoke_{Path(cfg.run_dir).name}")
+        configs[name] = cfg
+    return configs
+
+
+def run_demo(out: str = "data/demo", runs: str = "runs", figures: str = "figures", data_only: bool = False,
+             epochs: Optional[int] = None, smoke: bool = False) -> Optional[pd.DataFrame]:
+    """Build the demo data, train USER and VSE++, evaluate on test, print and draw the results."""
+    from .data.scenes import SceneConfig, build_demo_data
+
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    scene_cfg = SceneConfig.tiny() if smoke else SceneConfig()
+    if smoke:
+        out = str(Path(out).parent / (Path(out).name + "_smoke"))
+    folder = build_demo_data(out, scene_cfg, progress=True)
+    timings["build demo data"] = time.perf_counter() - t0
+    print(describe_folder(folder))
+    if data_only:
+        print(f"demo data ready in {folder} ({timings['build demo data']:.1f} s)")
+        return None
+
+    from .runs import evaluate_runs
+    from .train import Trainer
+    configs = demo_configs(out, runs, epochs=epochs, smoke=smoke)
+    for name, cfg in configs.items():
+        _fresh_run_dir(cfg)
+        t = time.perf_counter()
+        print(f"\n== training {name} ({cfg.run_dir}) ==")
+        Trainer(cfg, max_steps=3 if smoke else None).fit()
+        timings[f"train {name}"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    table = evaluate_runs({name: cfg.run_dir for name, cfg in configs.items()}, split="test", data_root=out)
+    timings["evaluate"] = time.perf_counter() - t
+    n_images = scene_cfg.n_test
+    chance = chance_metrics(n_images)
+    table = pd.concat([table, pd.DataFrame([{"model": "chance", "protocol": "full", **chance}])],
+                      ignore_index=True)
+    from .evaluate import format_table
+    print(f"\n== test split: {n_images} images, {5 * n_images} captions ==")
+    print(format_table(table))
+
+    from . import viz
+    fig_dir = Path(figures)
+    paths = viz.demo_figures({name: cfg.run_dir for name, cfg in configs.items()}, table, fig_dir)
+    print("\nfigures: " + ", ".join(str(p) for p in paths))
+    print("\ntimings: " + ", ".join(f"{k} {v:.1f} s" for k, v in timings.items()))
+    return table
+
+
+def describe_folder(folder: Path) -> str:
+    from .data.precomp import describe
+    return describe(folder).to_string(index=False)

@@ -1,0 +1,128 @@
+"""USER: a dual encoder with momentum key encoders, two dynamic queues and a training objective.
+
+:class:`RetrievalModel` is the one trainable object of userlab. With ``momentum.enabled`` and
+``loss.objective = "uto"`` it is USER (method notes section 2); with enhancement ``none``, no
+momentum and the triplet objective it is the VSE++ baseline. Per step (``forward``):
+
+1. query encoders embed the batch: ``v (B, E)``, ``t (B, E)``, ``S = v tᵀ (B, B)``;
+2. the key encoders take an EMA step towards the query encoders (before the keys, as MoCo);
+3. key encoders embed the same batch (no gradient): ``v̂, t̂ (B, E)``;
+4. the objective is computed over mini-batch and queue negatives;
+5. the keys, with their image ids, are enqueued (after the loss, as the original).
+
+The key encoders run in train mode, as in the released code (dropout on, BatchNorm on batch
+statistics); only the query encoders are used at test time.
+"""
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+from ..config import ExperimentConfig
+from ..losses import LossOutput, info_nce, triplet_loss, unified_objective
+from ..momentum import MomentumQueue, ema_update_, make_key_encoder
+from .dual import DualEncoder
+
+
+class RetrievalModel(nn.Module):
+    """Query encoders (+ momentum key encoders and queues) and the training objective.
+
+    Args:
+        cfg: the experiment configuration (model, momentum and loss sections are used).
+        vocab: word vocabulary for a GRU text encoder (optional, for GloVe initialisation).
+    """
+
+    def __init__(self, cfg: ExperimentConfig, vocab: Any = None):
+        super().__init__()
+        self.cfg = cfg
+        self.encoder = DualEncoder(cfg.model, vocab=vocab)
+        self.uses_queues = cfg.momentum.enabled and cfg.loss.objective == "uto"
+        if self.uses_queues:
+            self.key_encoder = make_key_encoder(self.encoder)
+            self.image_queue = MomentumQueue(cfg.model.embed_size, cfg.momentum.queue_size)
+            self.text_queue = MomentumQueue(cfg.model.embed_size, cfg.momentum.queue_size)
+        self.max_violation = cfg.loss.max_violation
+
+    # -- encoding (what evaluation and notebooks use) ----------------------------------------
+    def encode_image(self, batch: dict[str, torch.Tensor]):
+        return self.encoder.encode_image(batch)
+
+    def encode_text(self, batch: dict[str, torch.Tensor]):
+        return self.encoder.encode_text(batch)
+
+    def query_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.encoder.parameters() if p.requires_grad]
+
+    def train(self, mode: bool = True) -> "RetrievalModel":
+        super().train(mode)
+        if self.uses_queues:
+            self.key_encoder.train(True)  # as released: key encoders never switch to eval
+        return self
+
+    # -- one training step --------------------------------------------------------------------
+    def forward(self, batch: dict[str, torch.Tensor]) -> tuple[LossOutput, dict[str, torch.Tensor]]:
+        """Loss of one batch.
+
+        Returns:
+            ``(loss, outputs)``; ``outputs`` holds ``sim (B, B)``, ``img (B, E)``, ``txt (B, E)``
+            and the attention weights, for diagnostics and figures.
+        """
+        img, txt = self.encoder(batch)
+        sim = img.embedding @ txt.embedding.t()
+        outputs = {"sim": sim, "img": img.embedding, "txt": txt.embedding}
+        loss_cfg = self.cfg.loss
+        if loss_cfg.objective == "uto":
+            if self.uses_queues:
+                keys = self._momentum_keys(batch)
+                ids = batch["image_id"]
+                masks = (None, None)
+                if self.cfg.momentum.mask_same_image:
+                    masks = (self.text_queue.negatives_mask(ids), self.image_queue.negatives_mask(ids))
+                loss = unified_objective(
+                    sim, img.embedding, txt.embedding, keys[0], keys[1],
+                    self.image_queue.keys.clone(), self.text_queue.keys.clone(),
+                    mu=loss_cfg.mu, gamma=loss_cfg.gamma, lambda_batch=loss_cfg.lambda_batch,
+                    queue_mask=masks)
+                self.image_queue.enqueue(keys[0], ids)
+                self.text_queue.enqueue(keys[1], ids)
+            else:
+                loss = unified_objective(sim, img.embedding, txt.embedding, None, None, None, None,
+                                         mu=loss_cfg.mu, gamma=loss_cfg.gamma,
+                                         lambda_batch=loss_cfg.lambda_batch)
+        elif loss_cfg.objective == "triplet":
+            loss = triplet_loss(sim, margin=loss_cfg.margin, max_violation=self.max_violation)
+        else:
+            loss = info_nce(sim, temperature=loss_cfg.temperature)
+        return loss, outputs
+
+    @torch.no_grad()
+    def _momentum_keys(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        ema_update_(self.key_encoder, self.encoder, self.cfg.momentum.momentum)
+        img_k, txt_k = self.key_encoder(batch)
+        return img_k.embedding.detach(), txt_k.embedding.detach()
+
+    # -- state split for checkpoints ----------------------------------------------------------
+    def inference_state(self) -> dict[str, torch.Tensor]:
+        """The query encoders only: what ``model.safetensors`` holds."""
+        return self.encoder.state_dict()
+
+    def momentum_state(self) -> dict[str, Any]:
+        """Key encoders and queues (keys, ids, pointer): part of ``state.pt``."""
+        if not self.uses_queues:
+            return {}
+        return {"key_encoder": self.key_encoder.state_dict(),
+                "image_queue": self.image_queue.state_dict(),
+                "text_queue": self.text_queue.state_dict()}
+
+    def load_momentum_state(self, state: dict[str, Any]) -> None:
+        if self.uses_queues and state:
+            self.key_encoder.load_state_dict(state["key_encoder"])
+            self.image_queue.load_state_dict(state["image_queue"])
+            self.text_queue.load_state_dict(state["text_queue"])
+
+
+def build_model(cfg: ExperimentConfig, vocab: Any = None, device: Optional[torch.device] = None) -> RetrievalModel:
+    model = RetrievalModel(cfg, vocab=vocab)
+    return model.to(device) if device is not None else model

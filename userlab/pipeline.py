@@ -1,0 +1,131 @@
+"""From a config to datasets, tokenizer and batches: the glue the Trainer and the CLI share."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+import torch
+
+from .config import ExperimentConfig
+from .data.precomp import PrecompDataset, find_precomp_dir
+from .data.text import HFTokenizer, Vocabulary, WordTokenizer, build_vocab
+from .errors import DataError
+
+
+@dataclass
+class DataBundle:
+    """Datasets of one experiment and the tokenizer they share."""
+
+    folder: Path
+    tokenizer: Any
+    vocab: Optional[Vocabulary]
+    train: Optional[PrecompDataset]
+    val: Optional[PrecompDataset]
+
+
+def load_vocabulary(cfg: ExperimentConfig, folder: Path) -> Vocabulary:
+    """The run's vocabulary: ``data.vocab_path``, else ``<folder>/vocab.json``, else built from
+    the train captions with the count threshold and saved there."""
+    if cfg.data.vocab_path:
+        return Vocabulary.load(cfg.data.vocab_path)
+    path = folder / "vocab.json"
+    if path.is_file():
+        return Vocabulary.load(path)
+    captions = PrecompDataset(folder, cfg.data.train_split, validate=False).captions
+    vocab = build_vocab(captions, threshold=cfg.data.vocab_threshold)
+    vocab.save(path)
+    return vocab
+
+
+def make_tokenizer(cfg: ExperimentConfig, folder: Path) -> tuple[Any, Optional[Vocabulary]]:
+    """Word tokenizer (GRU text encoder) or Hugging Face tokenizer (transformer), per config."""
+    if cfg.model.text_encoder == "transformer":
+        return HFTokenizer(cfg.model.transformer_path, max_len=cfg.data.max_caption_len,
+                           augment_prob=cfg.data.augment_prob), None
+    vocab = load_vocabulary(cfg, folder)
+    return WordTokenizer(vocab, max_len=cfg.data.max_caption_len, augment_prob=cfg.data.augment_prob), vocab
+
+
+def prepare_data(cfg: ExperimentConfig, splits: tuple[str, ...] = ("train", "val")) -> DataBundle:
+    """Open (and validate) the train / dev splits of ``cfg.data`` and fill ``cfg.model.vocab_size``.
+
+    Checks the features against the model config here, before any training starts.
+    """
+    folder = find_precomp_dir(cfg.data.root, cfg.data.name)
+    tokenizer, vocab = make_tokenizer(cfg, folder)
+    if vocab is not None:
+        cfg.model.vocab_size = len(vocab)
+    train = val = None
+    if "train" in splits:
+        train = PrecompDataset(folder, cfg.data.train_split, tokenizer=tokenizer, train=cfg.data.caption_augment)
+        check_features_match(cfg, train)
+    if "val" in splits:
+        val = PrecompDataset(folder, cfg.data.val_split, tokenizer=tokenizer, train=False,
+                             max_images=cfg.data.dev_max_images)
+        check_features_match(cfg, val)
+    return DataBundle(folder=folder, tokenizer=tokenizer, vocab=vocab, train=train, val=val)
+
+
+def open_split(cfg: ExperimentConfig, split: str, tokenizer: Any, max_images: Optional[int] = None) -> PrecompDataset:
+    folder = find_precomp_dir(cfg.data.root, cfg.data.name)
+    ds = PrecompDataset(folder, split, tokenizer=tokenizer, train=False, max_images=max_images)
+    check_features_match(cfg, ds)
+    return ds
+
+
+def check_features_match(cfg: ExperimentConfig, ds: PrecompDataset) -> None:
+    """The features' region count and width must be what the model was configured for."""
+    regions, width = ds.region_shape
+    path = ds.ims_path
+    if width != cfg.model.region_dim:
+        raise DataError(path, f"regions are {width}-d but model.region_dim is {cfg.model.region_dim}")
+    if cfg.model.enhancement in ("sge", "sge+cge") and regions != cfg.model.num_regions:
+        raise DataError(path, f"{regions} regions per image but model.num_regions is "
+                              f"{cfg.model.num_regions} (SGE's BatchNorm runs over the region axis)")
+    if cfg.model.enhancement in ("cge", "sge+cge"):
+        if not ds.has_guide:
+            raise DataError(path, "CGE needs guide features ({split}_guide.npy) beside the regions")
+        if ds.guide_dim != cfg.model.guide_dim:
+            raise DataError(path, f"guide features are {ds.guide_dim}-d but model.guide_dim is {cfg.model.guide_dim}")
+
+
+class EpochBatchSampler(torch.utils.data.Sampler):
+    """Caption batches of one epoch, a pure function of ``(seed, epoch)``.
+
+    The permutation does not depend on any global RNG, so a run resumed in the middle of an
+    epoch sees the same batches as one never interrupted (``skip`` drops those already done).
+    Under DDP each rank takes every ``world``-th batch of the shared permutation.
+
+    Args:
+        n: number of captions.
+        batch_size: per-process batch size; the last incomplete batch is dropped (as USER).
+    """
+
+    def __init__(self, n: int, batch_size: int, seed: int, epoch: int, rank: int = 0, world: int = 1, skip: int = 0):
+        self.n, self.batch_size, self.seed, self.epoch = n, batch_size, seed, epoch
+        self.rank, self.world, self.skip = rank, world, skip
+
+    def batches_per_epoch(self) -> int:
+        return (self.n // self.batch_size) // self.world
+
+    def __len__(self) -> int:
+        return max(0, self.batches_per_epoch() - self.skip)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        perm = torch.randperm(self.n, generator=g)
+        total = self.batches_per_epoch()
+        for b in range(self.skip, total):
+            k = b * self.world + self.rank
+            yield perm[k * self.batch_size:(k + 1) * self.batch_size].tolist()
+
+
+def steps_per_epoch(n_captions: int, batch_size: int, world: int = 1) -> int:
+    return (n_captions // batch_size) // world
+
+
+def lr_at_epoch(lr: float, epoch: int, step: int, decay: float) -> float:
+    """Step decay: ``lr * decay ** (epoch // step)``; ``step == 0`` means no decay."""
+    return lr if step == 0 else lr * decay ** math.floor(epoch / step)
