@@ -80,7 +80,7 @@ def _as_pair(S_t: Tensor, S_a: Tensor, a_name: str = "S_a") -> tuple[Tensor, Ten
                               f"{tuple(S_a.shape)} must have the same shape")
     dtype = torch.promote_types(S_t.dtype, S_a.dtype)
     # The anchor is a fixed reference: gradients must never reach it (stop-gradient).
-    return S_t.to(dtype), S_a.detach().to(dtype)
+    return S_t.to(dtype), S_a.to(dtype)
 
 
 def _eye(S: Tensor) -> Tensor:
