@@ -271,7 +271,8 @@ def test_anchor_is_detached_in_dbl_loss(soft):
     for strategy in ("relative", "absolute", "relative_sum", "absolute_sum"):
         St = rand_scores(4, 1).requires_grad_(True)
         Sa = rand_scores(4, 2).requires_grad_(True)
-        dbl_loss(St, Sa, BoostConfig(strategy=strategy, soft_adaptation=soft or "none")).total.backward()
+        cfg = BoostConfig(strategy=strategy, soft_adaptation=soft or "none")
+        dbl_loss(St, Sa, cfg).total.backward()
         assert Sa.grad is None and St.grad is not None
 
 
@@ -450,8 +451,10 @@ def test_mutual_loss_trains_each_branch_from_the_detached_peer():
     cfg = BoostConfig(alpha=2.0)
     out1, out2 = mutual_loss(S1, S2, cfg)
     with torch.no_grad():
-        assert out1.total.item() == pytest.approx(loop_raw(S1, 0.2) + 2 * loop_kl(S1, S2), abs=1e-12)
-        assert out2.total.item() == pytest.approx(loop_raw(S2, 0.2) + 2 * loop_kl(S2, S1), abs=1e-12)
+        expected1 = loop_raw(S1, 0.2) + 2 * loop_kl(S1, S2)
+        expected2 = loop_raw(S2, 0.2) + 2 * loop_kl(S2, S1)
+        assert out1.total.item() == pytest.approx(expected1, abs=1e-12)
+        assert out2.total.item() == pytest.approx(expected2, abs=1e-12)
     out1.total.backward()
     assert S2.grad is None and S1.grad is not None
     # summing both sides gives each branch only its own gradient
@@ -473,7 +476,8 @@ def test_float32_under_autocast():
             assert out.total.dtype == torch.float32, name
             assert out.terms["boost"].dtype == torch.float32, name
     out = dbl_loss(St, Sa, BoostConfig())
-    expected = loop_raw(St.double(), 0.2) + loop_relative(St.double(), Sa.double(), 0.2, 1.0, "max", None)
+    St64, Sa64 = St.double(), Sa.double()
+    expected = loop_raw(St64, 0.2) + loop_relative(St64, Sa64, 0.2, 1.0, "max", None)
     assert out.total.item() == pytest.approx(expected, abs=1e-4)
     out.total.backward()
     assert St.grad.dtype == torch.bfloat16
@@ -542,3 +546,14 @@ def test_loss_output_shape():
     assert isinstance(out.total, torch.Tensor) and out.total.dim() == 0
     assert all(isinstance(v, torch.Tensor) for v in out.terms.values())
     assert boosting.LossOutput is type(out)
+
+
+def test_violation_rate_counts_the_absolute_positive_hinge():
+    # negatives comfortably below the anchor; only pair 0's positive falls short
+    Sa = rand_scores(4, 9) * 0.3
+    eye = torch.eye(4, dtype=torch.bool)
+    St = torch.where(eye, Sa + 0.5, Sa - 0.5)
+    St[0, 0] = Sa[0, 0]
+    # the positive of pair 0 counts for image 0's row and caption 0's column: 2 of 8 queries
+    assert violation_rate(St, Sa, 0.2, strategy="absolute") == pytest.approx(2 / 8)
+    assert violation_rate(St, Sa, 0.2, strategy="absolute_sum") == pytest.approx(2 / 8)

@@ -8,7 +8,7 @@ from collections import Counter
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from userlab.data.text import (MASK, SPECIAL_TOKENS, HFTokenizer, Vocabulary, WordTokenizer,
@@ -348,3 +348,8 @@ def test_glove_vectors():
     v2, _ = load_glove_vectors(Vocabulary(list(SPECIAL_TOKENS) + ["dog", "cat", "economy"]))
     cos = lambda a, b: float(a @ b / np.linalg.norm(a) / np.linalg.norm(b))
     assert cos(v2[5], v2[6]) > cos(v2[5], v2[7]) + 0.3
+
+
+def test_word_tokenizer_needs_special_tokens():
+    with pytest.raises(DataError, match="<mask>"):
+        WordTokenizer(Vocabulary(["<pad>", "<start>", "<end>", "<unk>", "dog"]))

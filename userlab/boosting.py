@@ -22,7 +22,6 @@ All losses are computed in at least float32, also under autocast, and return a `
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence
 
 import torch
@@ -31,17 +30,7 @@ from torch import Tensor
 
 from .config import BOOST_STRATEGIES, BoostConfig
 from .errors import ConfigError, DataError
-
-try:  # the shared container lives in userlab.losses; keep working while it is being written
-    from .losses import LossOutput
-except ImportError:  # pragma: no cover - only until userlab/losses.py exists
-    @dataclass
-    class LossOutput:  # type: ignore[no-redef]
-        """A scalar objective and its named parts (all 0-d tensors)."""
-
-        total: Tensor
-        terms: dict[str, Tensor] = field(default_factory=dict)
-
+from .losses import LossOutput
 
 # Temperature of the distillation baselines: DBL's rkd/sp weight and dml/dino "smooth" are 10.
 DISTILL_SCALE = 10.0
@@ -80,7 +69,7 @@ def _as_pair(S_t: Tensor, S_a: Tensor, a_name: str = "S_a") -> tuple[Tensor, Ten
                               f"{tuple(S_a.shape)} must have the same shape")
     dtype = torch.promote_types(S_t.dtype, S_a.dtype)
     # The anchor is a fixed reference: gradients must never reach it (stop-gradient).
-    return S_t.to(dtype), S_a.to(dtype)
+    return S_t.to(dtype), S_a.detach().to(dtype)
 
 
 def _eye(S: Tensor) -> Tensor:
@@ -154,7 +143,7 @@ def infimum_margin(ref: Tensor, m: float, edge: float, mode: str = "hard") -> Te
 
 
 def _adapted_margin(room: Tensor, m: float, mode: str) -> Tensor:
-    """Margin given the ``room`` left to the bound: hard ``min(m, room)``, soft ``m tanh(room/m)``."""
+    """Margin from the room left to the bound: hard ``min(m, room)``, soft ``m tanh(room / m)``."""
     _check_margin(float(m))
     if mode == "hard":
         return torch.clamp(room, max=m).detach()

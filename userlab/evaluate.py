@@ -17,7 +17,9 @@ kind="stable")``): among equal scores the lower index comes first. So the rank o
 positive is the positive with the highest score, the lowest column among equal ones.
 
 **Vectorised counting.** Ranks are counted, not sorted: one pass over row chunks of ``sims``
-(torch, on the device of ``sims``) serves both directions. Within a chunk of image rows
+serves both directions. The chunk kernels run in torch on the device of ``sims`` (GPU when
+there), and in numpy for CPU data, whose comparison loops are several times faster than torch's
+CPU kernels; both backends give identical ranks. Within a chunk of image rows
 ``[r0, r1)`` the columns split in three: for columns left of the chunk's own caption band every
 competitor index is below the positive's (i2t) or above it (t2i), right of the band the
 opposite, so one comparison (``>=`` or ``>``) per entry applies the tie rule; only the small
@@ -101,114 +103,202 @@ def _check_layout(sims: torch.Tensor, captions_per_image: int) -> tuple[int, int
         raise DataError(None, f"similarity matrix of shape {tuple(sims.shape)} does not fit "
                               f"{captions_per_image} captions per image: expected "
                               f"({n_img}, {captions_per_image * n_img}) (images, captions)")
-    if torch.isnan(sims).any():
-        # NaN compares false with everything, so its rank would silently be meaningless.
-        raise DataError(None, "similarity matrix holds NaN values")
     return n_img, n_cap
 
 
-def _count_per_row(mask: torch.Tensor) -> torch.Tensor:
-    """Number of True entries in each row of a bool ``(b, n)`` mask, as int64 ``(b,)``."""
-    if mask.shape[1] == 0:
-        return torch.zeros(mask.shape[0], dtype=torch.long, device=mask.device)
-    if mask.shape[1] < (1 << 24):
-        # a float matrix-vector product is several times faster than an integer sum on CPU,
-        # and exact: 0/1 summands, totals below 2**24
-        ones = torch.ones(mask.shape[1], dtype=torch.float32, device=mask.device)
-        return torch.mv(mask.to(torch.float32), ones).round_().long()
-    return mask.sum(1)
+class _TorchOps:
+    """Chunk kernels in torch: used for tensors on an accelerator (or on request)."""
+
+    name = "torch"
+
+    def __init__(self, device: torch.device):
+        self.device = device
+
+    def block(self, t: torch.Tensor):
+        return t
+
+    def arange(self, n: int):
+        return torch.arange(n, device=self.device)
+
+    def zeros(self, n: int):
+        return torch.zeros(n, dtype=torch.long, device=self.device)
+
+    def where(self, cond, a, b):
+        return torch.where(cond, a, b)
+
+    def row_max(self, x):
+        return x.max(1).values
+
+    def row_min(self, x):
+        return x.amin(1)
+
+    def count_rows(self, mask):
+        """True entries per row of a bool ``(b, n)`` mask, int64 ``(b,)``."""
+        return mask.sum(1)
+
+    def count_columns(self, mask):
+        """True entries per column of a bool ``(b, n)`` mask, int64 ``(n,)``."""
+        if mask.shape[0] <= _MAX_U8_ROWS:
+            # byte accumulators cannot overflow for <= 255 rows and are the fastest reduction
+            return mask.view(torch.uint8).sum(0, dtype=torch.uint8).long()
+        return mask.sum(0)
+
+    def has_nan(self, t: torch.Tensor) -> bool:
+        # a single reduction first: the sum is finite unless some entry is NaN or infinite
+        return not bool(torch.isfinite(t.sum())) and bool(torch.isnan(t).any())
+
+    def to_torch(self, x):
+        return x
 
 
-def _count_per_column(mask: torch.Tensor) -> torch.Tensor:
-    """Number of True entries in each column of a bool ``(b, n)`` mask, as int64 ``(n,)``."""
-    if mask.shape[0] <= _MAX_U8_ROWS:
-        # byte accumulators are the fastest reduction and cannot overflow for <= 255 rows
-        return mask.view(torch.uint8).sum(0, dtype=torch.uint8).long()
-    return mask.sum(0)
+class _NumpyOps(_TorchOps):
+    """Chunk kernels in numpy for CPU tensors.
+
+    numpy's SIMD comparison and byte-sum loops are several times faster than torch's CPU
+    kernels, and, being single-threaded, they do not stall when other processes share the cores.
+    """
+
+    name = "numpy"
+
+    def __init__(self):
+        super().__init__(torch.device("cpu"))
+
+    def block(self, t: torch.Tensor):
+        # float16 / bfloat16 compare slowly (or not at all) in numpy; the cast is exact
+        if t.dtype not in (torch.float32, torch.float64):
+            t = t.float()
+        return t.detach().numpy()
+
+    def arange(self, n: int):
+        return np.arange(n)
+
+    def zeros(self, n: int):
+        return np.zeros(n, dtype=np.int64)
+
+    def where(self, cond, a, b):
+        return np.where(cond, a, b)
+
+    def row_max(self, x):
+        return x.max(1)
+
+    def row_min(self, x):
+        return x.min(1)
+
+    def count_rows(self, mask):
+        if mask.shape[1] < (1 << 31):
+            return mask.view(np.uint8).sum(1, dtype=np.int32).astype(np.int64)
+        return np.count_nonzero(mask, axis=1)
+
+    def count_columns(self, mask):
+        if mask.shape[0] <= _MAX_U8_ROWS:
+            return mask.view(np.uint8).sum(0, dtype=np.uint8).astype(np.int64)
+        return np.count_nonzero(mask, axis=0).astype(np.int64)
+
+    def has_nan(self, t: torch.Tensor) -> bool:
+        arr = self.block(t)
+        return not np.isfinite(arr.sum()) and bool(np.isnan(arr).any())
+
+    def to_torch(self, x):
+        return torch.from_numpy(np.ascontiguousarray(x, dtype=np.int64))
+
+
+def _ops_for(sims: torch.Tensor, backend: str) -> _TorchOps:
+    if backend == "auto":
+        backend = "numpy" if sims.device.type == "cpu" else "torch"
+    if backend == "numpy":
+        if sims.device.type != "cpu":
+            raise ConfigError("backend", f"'numpy' needs the similarity matrix on the CPU, it is "
+                                         f"on {sims.device}")
+        return _NumpyOps()
+    if backend == "torch":
+        return _TorchOps(sims.device)
+    raise ConfigError("backend", f"unknown backend {backend!r}; choose 'auto', 'torch' or 'numpy'")
 
 
 def _default_chunk(n_cap: int) -> int:
     return max(1, min(_MAX_U8_ROWS, _CHUNK_ENTRIES // max(n_cap, 1)))
 
 
-def retrieval_ranks(sims: Any, captions_per_image: int = 5,
-                    chunk_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def retrieval_ranks(sims: Any, captions_per_image: int = 5, chunk_size: int | None = None,
+                    backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
     """Ranks of the ground truth in both directions, in one pass over ``sims``.
 
     Args:
         sims: ``(N_img, N_cap)`` similarities (torch tensor on any device, or numpy array);
             ``N_cap = captions_per_image * N_img``.
         captions_per_image: captions per image ``k``; captions ``k*i .. k*i+k-1`` match image i.
-        chunk_size: image rows processed at once (memory ~ ``chunk_size * N_cap`` bytes);
-            default: about 8M entries, at most 255 rows.
+        chunk_size: image rows processed at once (extra memory ~ ``3 * chunk_size * N_cap``
+            bytes); default: about 8M entries, at most 255 rows.
+        backend: ``"torch"`` (on the device of ``sims``), ``"numpy"`` (CPU only) or ``"auto"``:
+            numpy for CPU data (faster there), torch otherwise. Both give the same ranks.
 
     Returns:
         ``(i2t, t2i)``: int64 ``(N_img,)`` and ``(N_cap,)`` 0-based ranks on the device of
-        ``sims``, equal to the positions given by a stable descending argsort (see the module
-        docstring for the tie rule).
+        ``sims`` (CPU for arrays), equal to the positions given by a stable descending argsort
+        (see the module docstring for the tie rule).
 
     Raises:
         DataError: ``sims`` is not 2-d, its shape does not fit ``captions_per_image``, or it
             holds NaN.
     """
-    sims = _as_tensor(sims)
+    sims = _as_tensor(sims).detach()
     k = captions_per_image
     n_img, n_cap = _check_layout(sims, k)
     chunk = _default_chunk(n_cap) if chunk_size is None else int(chunk_size)
     if chunk < 1:
         raise ConfigError("chunk_size", f"must be >= 1, got {chunk_size!r}")
-    device = sims.device
+    ops = _ops_for(sims, backend)
+    if ops.has_nan(sims):
+        # NaN compares false with everything: its ranks would silently be meaningless
+        raise DataError(None, "similarity matrix holds NaN values")
 
-    images = torch.arange(n_img, device=device)
-    captions = torch.arange(n_cap, device=device)
-    # t2i: score of each caption's own image, (N_cap,)
-    caption_pos_score = sims[captions // k, captions]
-
-    i2t = torch.empty(n_img, dtype=torch.long, device=device)
-    t2i = torch.zeros(n_cap, dtype=torch.long, device=device)
-    offsets = torch.arange(k, device=device)
     with torch.inference_mode():
+        captions_t = torch.arange(n_cap, device=sims.device)
+        # t2i threshold: score of each caption against its own image, (N_cap,)
+        caption_pos_score = ops.block(sims[captions_t // k, captions_t])
+        captions = ops.arange(n_cap)
+        offsets = ops.arange(k)
+        i2t = ops.zeros(n_img)
+        t2i = ops.zeros(n_cap)
         for r0 in range(0, n_img, chunk):
             r1 = min(r0 + chunk, n_img)
             c0, c1 = k * r0, k * r1          # the chunk's own caption band
-            block = sims[r0:r1]              # (b, N_cap)
-            rows = images[r0:r1]
+            block = ops.block(sims[r0:r1])   # (b, N_cap)
+            local = ops.arange(r1 - r0)
             left, band, right = block[:, :c0], block[:, c0:c1], block[:, c1:]
-
-            # ---- i2t: best positive per row (highest score, lowest column on ties)
-            pos_cols = rows[:, None] * k + offsets          # (b, k), increasing along k
-            pos = band.gather(1, pos_cols - c0)             # (b, k) positive scores
-            best = pos.max(1).values                        # (b,)
-            first = torch.where(pos == best[:, None], offsets, k).amin(1)
-            best_col = rows * k + first                     # (b,) absolute column
-            thr = best[:, None]
-            # columns left of the band are all below best_col: ties count as ahead
-            ahead = _count_per_row(left >= thr) + _count_per_row(right > thr)
             band_cols = captions[c0:c1]
-            band_ahead = (band > thr) | ((band == thr) & (band_cols[None, :] < best_col[:, None]))
-            i2t[r0:r1] = ahead + _count_per_row(band_ahead)
 
-            # ---- t2i: caption c's positive image p = c // k; rows i < p win ties
-            t2i[:c0] += _count_per_column(left > caption_pos_score[:c0])   # here i > p
-            t2i[c1:] += _count_per_column(right >= caption_pos_score[c1:])  # here i < p
+            # ---- i2t: best positive per row (highest score, lowest column among equals)
+            pos = band[local[:, None], local[:, None] * k + offsets]     # (b, k)
+            best = ops.row_max(pos)                                      # (b,)
+            first = ops.row_min(ops.where(pos == best[:, None], offsets, k))
+            best_col = (local + r0) * k + first                          # absolute column
+            thr = best[:, None]
+            # every column left of the band is below best_col, so a tie there is ahead
+            ahead = ops.count_rows(left >= thr) + ops.count_rows(right > thr)
+            ahead_band = (band > thr) | ((band == thr) & (band_cols[None, :] < best_col[:, None]))
+            i2t[r0:r1] = ahead + ops.count_rows(ahead_band)
+
+            # ---- t2i: caption c's image is p = c // k; rows i < p win ties
+            t2i[:c0] += ops.count_columns(left > caption_pos_score[:c0])     # i > p here
+            t2i[c1:] += ops.count_columns(right >= caption_pos_score[c1:])   # i < p here
             band_thr = caption_pos_score[c0:c1]
-            band_img = band_cols // k
-            band_ahead = (band > band_thr) | ((band == band_thr)
-                                              & (rows[:, None] < band_img[None, :]))
-            t2i[c0:c1] += _count_per_column(band_ahead)
-    return i2t, t2i
+            row_before_image = (local[:, None] + r0) < (band_cols[None, :] // k)
+            ahead_band = (band > band_thr) | ((band == band_thr) & row_before_image)
+            t2i[c0:c1] += ops.count_columns(ahead_band)
+    return ops.to_torch(i2t), ops.to_torch(t2i)
 
 
-def i2t_ranks(sims: Any, captions_per_image: int = 5,
-              chunk_size: int | None = None) -> torch.Tensor:
+def i2t_ranks(sims: Any, captions_per_image: int = 5, chunk_size: int | None = None,
+              backend: str = "auto") -> torch.Tensor:
     """Image-to-text ranks: int64 ``(N_img,)``, see :func:`retrieval_ranks`."""
-    return retrieval_ranks(sims, captions_per_image, chunk_size)[0]
+    return retrieval_ranks(sims, captions_per_image, chunk_size, backend)[0]
 
 
-def t2i_ranks(sims: Any, captions_per_image: int = 5,
-              chunk_size: int | None = None) -> torch.Tensor:
+def t2i_ranks(sims: Any, captions_per_image: int = 5, chunk_size: int | None = None,
+              backend: str = "auto") -> torch.Tensor:
     """Text-to-image ranks: int64 ``(N_cap,)``, see :func:`retrieval_ranks`."""
-    return retrieval_ranks(sims, captions_per_image, chunk_size)[1]
+    return retrieval_ranks(sims, captions_per_image, chunk_size, backend)[1]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -269,7 +359,7 @@ def _check_protocol(protocol: str, shape: tuple[int, int], captions_per_image: i
 
 
 def evaluate_sims(sims: Any, protocol: str = "full", captions_per_image: int = 5,
-                  chunk_size: int | None = None) -> pd.DataFrame:
+                  chunk_size: int | None = None, backend: str = "auto") -> pd.DataFrame:
     """Retrieval metrics of a similarity matrix under a named protocol.
 
     Args:
@@ -278,7 +368,7 @@ def evaluate_sims(sims: Any, protocol: str = "full", captions_per_image: int = 5
             (5000 images as 5 folds of 1000: images ``[1000f, 1000(f+1))`` against captions
             ``[1000kf, 1000k(f+1))``, metrics averaged over folds) or ``"full"`` (any size).
         captions_per_image: ``k``; captions ``k*i .. k*i+k-1`` belong to image ``i``.
-        chunk_size: rows per chunk, see :func:`retrieval_ranks`.
+        chunk_size, backend: see :func:`retrieval_ranks`.
 
     Returns:
         One-row DataFrame: ``protocol``, ``n_images``, ``n_captions`` and the
@@ -297,13 +387,13 @@ def evaluate_sims(sims: Any, protocol: str = "full", captions_per_image: int = 5
     if protocol == "coco_1k_5fold":
         for f in range(_FOLDS):
             i0, i1 = f * _FOLD_IMAGES, (f + 1) * _FOLD_IMAGES
-            i2t, t2i = retrieval_ranks(sims[i0:i1, k * i0:k * i1], k, chunk_size)
+            i2t, t2i = retrieval_ranks(sims[i0:i1, k * i0:k * i1], k, chunk_size, backend)
             folds.append(recall_metrics(i2t, t2i))
         metrics = {name: float(np.mean([m[name] for m in folds])) for name in METRIC_COLUMNS}
         # the sum of fold means equals the mean of fold sums; recompute to keep it exact
         metrics["rsum"] = _rsum(metrics)
     else:
-        i2t, t2i = retrieval_ranks(sims, k, chunk_size)
+        i2t, t2i = retrieval_ranks(sims, k, chunk_size, backend)
         metrics = recall_metrics(i2t, t2i)
     row = {"protocol": protocol, "n_images": int(sims.shape[0]), "n_captions": int(sims.shape[1])}
     row.update({name: metrics[name] for name in METRIC_COLUMNS})
@@ -460,14 +550,14 @@ def similarity(img_embs: torch.Tensor, cap_embs: torch.Tensor,
 def evaluate(model: nn.Module, dataset, protocol: str = "full", batch_size: int = 256,
              device: torch.device | str | None = None, num_workers: int = 0,
              progress: bool = True, return_sims: bool = False,
-             chunk_size: int | None = None):
+             chunk_size: int | None = None, backend: str = "auto"):
     """Encode a split, score every image against every caption, and compute the metrics.
 
     Args:
         model, dataset, batch_size, device, num_workers, progress: see :func:`encode_split`.
         protocol: see :func:`evaluate_sims`.
         return_sims: also return the similarity matrix (e.g. for :func:`evaluate_ensemble`).
-        chunk_size: see :func:`retrieval_ranks`.
+        chunk_size, backend: see :func:`retrieval_ranks`.
 
     Returns:
         The one-row DataFrame of :func:`evaluate_sims` (``df.attrs["timing"]`` holds the
@@ -484,7 +574,7 @@ def evaluate(model: nn.Module, dataset, protocol: str = "full", batch_size: int 
     if sims.shape[1] % sims.shape[0]:
         raise DataError(None, f"{sims.shape[1]} captions for {sims.shape[0]} images is not a "
                               f"whole number of captions per image")
-    df = evaluate_sims(sims, protocol, sims.shape[1] // sims.shape[0], chunk_size)
+    df = evaluate_sims(sims, protocol, sims.shape[1] // sims.shape[0], chunk_size, backend)
     df.attrs["timing"] = {"encode_s": t1 - t0, "similarity_s": t2 - t1,
                           "metrics_s": time.perf_counter() - t2}
     return (df, sims) if return_sims else df
@@ -526,18 +616,19 @@ def average_sims(sims_list: Sequence[Any], weights: Sequence[float] | None = Non
 
 def evaluate_ensemble(sims_list: Sequence[Any], protocol: str = "full",
                       captions_per_image: int = 5, weights: Sequence[float] | None = None,
-                      chunk_size: int | None = None) -> pd.DataFrame:
+                      chunk_size: int | None = None, backend: str = "auto") -> pd.DataFrame:
     """Metrics of the averaged similarity matrix of several checkpoints (USER's ensemble).
 
     Args:
         sims_list: ``(N_img, N_cap)`` matrices, one per checkpoint.
-        protocol, captions_per_image, chunk_size: see :func:`evaluate_sims`.
+        protocol, captions_per_image, chunk_size, backend: see :func:`evaluate_sims`.
         weights: see :func:`average_sims`.
 
     Returns:
         The one-row DataFrame of :func:`evaluate_sims` with ``members`` (the ensemble size).
     """
-    df = evaluate_sims(average_sims(sims_list, weights), protocol, captions_per_image, chunk_size)
+    df = evaluate_sims(average_sims(sims_list, weights), protocol, captions_per_image,
+                       chunk_size, backend)
     df.insert(1, "members", len(sims_list))
     return df
 

@@ -77,7 +77,7 @@ def open_split(cfg: ExperimentConfig, split: str, tokenizer: Any, max_images: Op
 
 def check_features_match(cfg: ExperimentConfig, ds: PrecompDataset) -> None:
     """The features' region count and width must be what the model was configured for."""
-    regions, width = ds.region_shape
+    regions, width = ds.num_regions, ds.feature_dim
     path = ds.ims_path
     if width != cfg.model.region_dim:
         raise DataError(path, f"regions are {width}-d but model.region_dim is {cfg.model.region_dim}")

@@ -13,6 +13,7 @@ chunks on request.
 from __future__ import annotations
 
 import os
+import random
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
@@ -182,6 +183,7 @@ class PrecompDataset(Dataset):
         self.tokenizer = tokenizer
         self.train = train
         self.validate = validate
+        self._epoch_seed: int | None = None
         if not self.folder.is_dir():
             raise DataError(self.folder, "precomp folder not found")
         if max_images is not None and max_images < 1:
@@ -378,8 +380,19 @@ class PrecompDataset(Dataset):
         item: dict[str, Any] = {"caption": self.captions[c], "caption_index": c,
                                 "image_index": image, "image_id": int(self.ids[image])}
         if self.tokenizer is not None:
-            item["tokens"] = self.tokenizer(self.captions[c], self.train)
+            if self.train and self._epoch_seed is not None and hasattr(self.tokenizer, "encode"):
+                # Augmentation drawn from (seed, epoch, caption): identical whichever worker
+                # reads the caption, and after a resume.
+                rng = random.Random(self._epoch_seed * 1_000_003 + c)
+                ids = self.tokenizer.encode(self.captions[c], augment=True, rng=rng)
+                item["tokens"] = torch.tensor(ids, dtype=torch.long)
+            else:
+                item["tokens"] = self.tokenizer(self.captions[c], self.train)
         return item
+
+    def set_epoch(self, epoch: int, seed: int) -> None:
+        """Make caption augmentation a pure function of ``(seed, epoch, caption index)``."""
+        self._epoch_seed = seed * 10_007 + epoch
 
     def __getitem__(self, c: int) -> dict[str, Any]:
         item = self.caption_item(c)

@@ -277,10 +277,14 @@ class Vocabulary:
         return [i for i in range(len(self)) if i not in special]
 
     # -- files -----------------------------------------------------------------------------
+    def to_json(self) -> str:
+        """The JSON text :meth:`save` writes (checkpoints embed it)."""
+        payload = {"format": VOCAB_FORMAT, "idx2word": self._idx2word}
+        return json.dumps(payload, ensure_ascii=False, indent=0) + "\n"
+
     def save(self, path: str | os.PathLike) -> None:
         """Write the vocabulary as JSON, atomically."""
-        payload = {"format": VOCAB_FORMAT, "idx2word": self._idx2word}
-        atomic_write_text(path, json.dumps(payload, ensure_ascii=False, indent=0) + "\n")
+        atomic_write_text(path, self.to_json())
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Vocabulary":
@@ -427,6 +431,10 @@ class WordTokenizer(_CaptionTokenizer):
     def __init__(self, vocab: Vocabulary, max_len: int = 64, augment_prob: float = 0.2,
                  seed: int | None = None):
         super().__init__(max_len, augment_prob, seed)
+        missing = [w for w in SPECIAL_TOKENS if w not in vocab]
+        if missing:
+            raise DataError(None, f"vocabulary lacks special token(s) {', '.join(missing)}; "
+                                  f"build it with build_vocab or Vocabulary.load")
         self.vocab = vocab
         self.pad_id = vocab.pad_id
         self.bos_id = vocab.start_id

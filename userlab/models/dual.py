@@ -59,7 +59,7 @@ class DualEncoder(nn.Module):
 
     def param_groups(self, lr: float, text_lr_scale: float = 0.1,
                      weight_decay: float = 1e-4) -> list[dict[str, Any]]:
-        """AdamW parameter groups: everything at ``lr``, a transformer backbone at ``lr * text_lr_scale``.
+        """AdamW parameter groups: the text backbone at ``lr * text_lr_scale``, the rest at ``lr``.
 
         Frozen parameters (``requires_grad=False``) are left out; empty groups are dropped.
         Each group carries a ``name`` (``"main"`` or ``"text_backbone"``) for logging.

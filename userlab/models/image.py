@@ -15,7 +15,7 @@ from torch import nn
 
 from ..config import ModelConfig
 from ..errors import ConfigError
-from .pooling import GPO, l2norm
+from .pooling import GPO, l2norm, unit_embedding
 
 
 @dataclass
@@ -36,6 +36,11 @@ class ImageOutput:
     beta: Optional[torch.Tensor]
     gpo_weights: torch.Tensor
     guide_beta: Optional[torch.Tensor] = None
+
+
+def _at_least_float32(x: torch.Tensor) -> torch.dtype:
+    """Softmax precision: float32 for half inputs, the input's own for float32/float64."""
+    return torch.promote_types(x.dtype, torch.float32)
 
 
 def _xavier_linear(in_dim: int, out_dim: int) -> nn.Linear:
@@ -74,18 +79,20 @@ def region_attention(regions: torch.Tensor, guide: torch.Tensor, lam: float = 1.
                                               f"{(regions.shape[0], regions.shape[2])} for regions "
                                               f"{tuple(regions.shape)}, got {tuple(guide.shape)}")
     affinity = torch.einsum("brd,bd->br", regions, guide)
-    beta = l2norm(torch.softmax(lam * affinity.float(), dim=1), dim=1).to(regions.dtype)
+    weights = torch.softmax(lam * affinity.to(_at_least_float32(affinity)), dim=1)
+    beta = l2norm(weights, dim=1).to(regions.dtype)
     return regions + beta.unsqueeze(-1) * guide.unsqueeze(1), beta
 
 
-def _check_regions(regions: torch.Tensor, num_regions: Optional[int], region_dim: int, who: str) -> None:
+def _check_regions(regions: torch.Tensor, num_regions: Optional[int], region_dim: int,
+                   who: str) -> None:
     if regions.dim() != 3:
         raise ConfigError("model.num_regions", f"{who} expects regions (B, R, D), got shape "
                                                f"{tuple(regions.shape)}")
     if num_regions is not None and regions.shape[1] != num_regions:
         raise ConfigError("model.num_regions",
-                          f"{who} was built for {num_regions} regions (its BatchNorm1d runs over the "
-                          f"region axis) but the batch has {regions.shape[1]}; set "
+                          f"{who} was built for {num_regions} regions (its BatchNorm1d runs over "
+                          f"the region axis) but the batch has {regions.shape[1]}; set "
                           f"model.num_regions to the features' region count")
     if regions.shape[2] != region_dim:
         raise ConfigError("model.region_dim", f"{who} was built for {region_dim}-d regions but the "
@@ -133,7 +140,7 @@ class SelfGuidedEnhancement(nn.Module):
         local = self.dropout(torch.tanh(self.local_bn(self.local_fc(regions))))
         glob = self.dropout(torch.tanh(self.global_bn(self.global_fc(regions.mean(1)))))
         logits = self.common_fc(local * glob.unsqueeze(1)).squeeze(-1)
-        alpha = torch.softmax(logits.float(), dim=1).to(regions.dtype)
+        alpha = torch.softmax(logits.to(_at_least_float32(logits)), dim=1).to(regions.dtype)
         g = l2norm(torch.einsum("br,brd->bd", alpha, regions))
         enhanced, beta = region_attention(regions, g, self.attention_lambda)
         return enhanced, alpha, beta, g
@@ -203,7 +210,7 @@ class ClipGuidedEnhancement(nn.Module):
 
 
 class RegionMLP(nn.Module):
-    """``Linear(D, H) -> BN1d(H) over all B*R rows -> ReLU -> Linear(H, E)``, PyTorch default init."""
+    """``Linear(D, H) -> BN1d(H) over all B*R rows -> ReLU -> Linear(H, E)``; default init."""
 
     def __init__(self, in_dim: int, hidden: int, out_dim: int):
         super().__init__()
@@ -286,5 +293,5 @@ class ImageEncoder(nn.Module):
         b, r, _ = per_region.shape
         lengths = torch.full((b,), r, dtype=torch.long, device=per_region.device)
         pooled, weights = self.gpo(per_region, lengths)
-        return ImageOutput(embedding=l2norm(pooled), alpha=alpha, beta=beta,
+        return ImageOutput(embedding=unit_embedding(pooled), alpha=alpha, beta=beta,
                            gpo_weights=weights, guide_beta=guide_beta)

@@ -12,7 +12,8 @@ a BiGRU run over sinusoidal positional encodings of ranks ``0..n-1``:
 5. every feature dimension is sorted in descending order over the valid positions;
 6. ``pooled = sum_k w_k * sorted_k``.
 
-Also here: :func:`l2norm`, :func:`mean_pool`, :func:`max_pool` and :func:`length_mask`.
+Also here: :func:`l2norm`, :func:`unit_embedding`, :func:`mean_pool`, :func:`max_pool` and
+:func:`length_mask`.
 """
 from __future__ import annotations
 
@@ -43,6 +44,15 @@ def l2norm(x: torch.Tensor, dim: int = -1, eps: float = 1e-8) -> torch.Tensor:
     return (x / norm).to(x.dtype)
 
 
+def unit_embedding(pooled: torch.Tensor) -> torch.Tensor:
+    """Final embedding: ``l2norm(pooled)`` in at least float32.
+
+    Under half-precision autocast the encoders compute in bf16/fp16, but the embeddings feed
+    losses with scales like ``mu = 90`` and long-lived queues, so they leave in float32.
+    """
+    return l2norm(pooled.to(torch.promote_types(pooled.dtype, torch.float32)))
+
+
 def as_lengths(lengths: Lengths, batch: int, max_len: int, device: torch.device) -> torch.Tensor:
     """Check and convert ``lengths`` to a long tensor ``(B,)`` on ``device``.
 
@@ -54,7 +64,8 @@ def as_lengths(lengths: Lengths, batch: int, max_len: int, device: torch.device)
         raise DataError(None, f"batch 'lengths': {lengths.numel()} lengths for {batch} rows")
     if batch and (int(lengths.min()) < 1 or int(lengths.max()) > max_len):
         raise DataError(None, f"batch 'lengths': every length must lie in [1, {max_len}] "
-                              f"(the padded size), got min {int(lengths.min())} max {int(lengths.max())}")
+                              f"(the padded size), got min {int(lengths.min())} "
+                              f"max {int(lengths.max())}")
     return lengths
 
 
@@ -138,11 +149,14 @@ class GPO(nn.Module):
         out = (out[..., :self.hidden] + out[..., self.hidden:]) / 2
         scores = self.linear(out).squeeze(-1)                              # (n, max_len)
         valid = length_mask(unique, max_len)
-        scores = scores.float().masked_fill(~valid, PAD_SCORE)
+        # at least float32: under fp16 autocast, -1e4 / 0.1 would overflow
+        scores = scores.to(torch.promote_types(scores.dtype, torch.float32))
+        scores = scores.masked_fill(~valid, PAD_SCORE)
         weights = torch.softmax(scores / GPO_TEMPERATURE, dim=1)
         return weights[inverse]
 
-    def forward(self, features: torch.Tensor, lengths: Lengths) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, features: torch.Tensor, lengths: Lengths
+                ) -> tuple[torch.Tensor, torch.Tensor]:
         """Pool ``features``.
 
         Args:

@@ -18,7 +18,7 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from ..config import ModelConfig
 from ..errors import ConfigError, DataError
-from .pooling import GPO, as_lengths, l2norm, length_mask
+from .pooling import GPO, as_lengths, length_mask, unit_embedding
 
 GLOVE_DIM = 50
 
@@ -74,8 +74,9 @@ class GRUTextEncoder(nn.Module):
                  vocab: Any = None, dropout: float = 0.0, gpo_dim: int = 32):
         super().__init__()
         if vocab_size <= 0:
-            raise ConfigError("model.vocab_size", f"must be > 0 for a GRU text encoder, got "
-                                                  f"{vocab_size} (it is filled in from the vocabulary)")
+            raise ConfigError("model.vocab_size",
+                              f"must be > 0 for a GRU text encoder, got {vocab_size} "
+                              "(it is filled in from the vocabulary)")
         self.embed_size = embed_size
         table_dim = GLOVE_DIM if glove else word_dim
         self.embed = nn.Embedding(vocab_size, table_dim, padding_idx=0)
@@ -121,7 +122,7 @@ class GRUTextEncoder(nn.Module):
         out, _ = pad_packed_sequence(out, batch_first=True, total_length=length)
         out = (out[..., :self.embed_size] + out[..., self.embed_size:]) / 2
         pooled, weights = self.gpo(out, lengths)
-        return TextOutput(embedding=l2norm(pooled), gpo_weights=weights)
+        return TextOutput(embedding=unit_embedding(pooled), gpo_weights=weights)
 
 
 class TransformerTextEncoder(nn.Module):
@@ -166,7 +167,7 @@ class TransformerTextEncoder(nn.Module):
 
     def forward(self, tokens: torch.Tensor, lengths: Optional[torch.Tensor] = None,
                 attention_mask: Optional[torch.Tensor] = None) -> TextOutput:
-        """Embed ``tokens (B, L)``; real tokens are the ones ``attention_mask`` marks (else ``!= 0``).
+        """Embed ``tokens (B, L)``; real tokens are where ``attention_mask`` is 1 (else ``!= 0``).
 
         Raises:
             DataError: if the real tokens of a row are not a prefix (GPO ranks positions
@@ -179,7 +180,7 @@ class TransformerTextEncoder(nn.Module):
                                   "(right padding)")
         hidden = self.backbone(input_ids=tokens, attention_mask=mask.long()).last_hidden_state
         pooled, weights = self.gpo(self.proj(hidden), counts)
-        return TextOutput(embedding=l2norm(pooled), gpo_weights=weights)
+        return TextOutput(embedding=unit_embedding(pooled), gpo_weights=weights)
 
 
 def build_text_encoder(cfg: ModelConfig, vocab: Any = None) -> nn.Module:
@@ -190,7 +191,8 @@ def build_text_encoder(cfg: ModelConfig, vocab: Any = None) -> nn.Module:
     if cfg.text_encoder == "transformer":
         return TransformerTextEncoder(cfg.transformer_path, cfg.embed_size, cfg.gpo_dim)
     if cfg.text_encoder != "gru":
-        raise ConfigError("model.text_encoder", f"{cfg.text_encoder!r} is not one of gru, transformer")
+        raise ConfigError("model.text_encoder",
+                          f"{cfg.text_encoder!r} is not one of gru, transformer")
     vocab_size = cfg.vocab_size
     if vocab is not None:
         if vocab_size and vocab_size != len(vocab):

@@ -1,0 +1,129 @@
+"""The Trainer: a short run learns, resume after SIGKILL is exact, DDP keeps ranks identical."""
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+from tiny import tiny_config, tiny_data
+from userlab import checkpoint as ckpt
+from userlab.pipeline import EpochBatchSampler, lr_at_epoch
+from userlab.train import Trainer, load_model
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}", "OMP_NUM_THREADS": "1"}
+
+
+def test_lr_schedule_and_step_zero_means_no_decay():
+    assert lr_at_epoch(1.0, 9, 10, 0.1) == 1.0
+    assert lr_at_epoch(1.0, 10, 10, 0.1) == pytest.approx(0.1)
+    assert lr_at_epoch(1.0, 25, 10, 0.1) == pytest.approx(0.01)
+    assert lr_at_epoch(1.0, 100, 0, 0.1) == 1.0
+
+
+def test_epoch_sampler_is_a_function_of_seed_and_epoch():
+    a = list(EpochBatchSampler(50, 8, seed=1, epoch=3))
+    b = list(EpochBatchSampler(50, 8, seed=1, epoch=3))
+    c = list(EpochBatchSampler(50, 8, seed=1, epoch=4))
+    assert a == b and a != c and len(a) == 6 and all(len(x) == 8 for x in a)
+    assert list(EpochBatchSampler(50, 8, seed=1, epoch=3, skip=2)) == a[2:]
+    r0 = list(EpochBatchSampler(50, 8, seed=1, epoch=3, rank=0, world=2))
+    r1 = list(EpochBatchSampler(50, 8, seed=1, epoch=3, rank=1, world=2))
+    assert r0 == a[0::2][:3] and r1 == a[1::2][:3]
+    assert not set(sum(r0, [])) & set(sum(r1, []))
+
+
+def test_training_writes_logs_checkpoints_and_loads_back(tmp_path):
+    root = tiny_data(tmp_path / "data")
+    cfg = tiny_config(root, tmp_path / "run")
+    seen = []
+
+    class Record:
+        def on_step(self, trainer, row): seen.append(row["loss"])
+        def on_eval(self, trainer, row): seen.append(("eval", row["rsum"]))
+        def on_epoch_end(self, trainer): pass
+
+    history = Trainer(cfg, progress=False, callbacks=[Record()]).fit()
+    assert list(history["epoch"]) == [1, 2, 3]
+    assert len([s for s in seen if isinstance(s, tuple)]) == 3
+    log = pd.read_csv(tmp_path / "run" / "train_log.csv")
+    assert {"loss", "loss_batch", "loss_queue", "lr", "grad_norm"} <= set(log.columns)
+    # lr decays by 10x at epoch 2 (lr_step = 2)
+    assert log[log.epoch == 0].lr.iloc[0] == pytest.approx(1e-3)
+    assert log[log.epoch == 2].lr.iloc[0] == pytest.approx(1e-4)
+    best = ckpt.find_checkpoint(tmp_path / "run", "best")
+    state = ckpt.load_train_state(best)          # weights_only=True
+    assert "image_queue" in state["momentum"] and int(state["momentum"]["image_queue"]["ptr"]) >= 0
+    model, cfg2, vocab = load_model(tmp_path / "run")
+    assert cfg2 == cfg and vocab is not None and not model.training
+
+
+def _train_cmd(cfg_path: Path) -> list[str]:
+    return [sys.executable, "-m", "userlab", "train", "--config", str(cfg_path), "--no-progress",
+            "--checkpoint-every", "1"]
+
+
+def test_resume_after_sigkill_gives_identical_metrics(tmp_path):
+    root = tiny_data(tmp_path / "data", n_train=40)
+    clean = tiny_config(root, tmp_path / "clean")
+    clean.to_json(tmp_path / "clean.json")
+    subprocess.run(_train_cmd(tmp_path / "clean.json"), env=ENV, check=True, capture_output=True, timeout=300)
+
+    killed = tiny_config(root, tmp_path / "killed")
+    killed.to_json(tmp_path / "killed.json")
+    rng = random.Random(0)
+    kills = 0
+    for _ in range(2):
+        proc = subprocess.Popen(_train_cmd(tmp_path / "killed.json"), env=ENV,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        pointer = tmp_path / "killed" / "checkpoints" / "last.txt"
+        deadline = time.time() + 120
+        start = pointer.read_text() if pointer.exists() else ""
+        while time.time() < deadline and (not pointer.exists() or pointer.read_text() == start):
+            time.sleep(0.05)
+        time.sleep(rng.uniform(0.0, 0.5))
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGKILL)
+            kills += 1
+        proc.wait()
+    assert kills >= 1
+    subprocess.run(_train_cmd(tmp_path / "killed.json"), env=ENV, check=True, capture_output=True, timeout=300)
+
+    a = pd.read_csv(tmp_path / "clean" / "eval_log.csv")
+    b = pd.read_csv(tmp_path / "killed" / "eval_log.csv")
+    pd.testing.assert_frame_equal(a, b)
+    wa = ckpt.load_model_state(ckpt.find_checkpoint(tmp_path / "clean", "last"))
+    wb = ckpt.load_model_state(ckpt.find_checkpoint(tmp_path / "killed", "last"))
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+@pytest.mark.slow
+def test_ddp_two_cpu_processes(tmp_path):
+    root = tiny_data(tmp_path / "data", n_train=40)
+    cfg = tiny_config(root, tmp_path / "run", **{"momentum.queue_size": 64})
+    cfg.to_json(tmp_path / "cfg.json")
+    out = tmp_path / "out"
+    out.mkdir()
+    steps = 3
+    torchrun = Path(sys.executable).with_name("torchrun")
+    subprocess.run([str(torchrun), "--nproc_per_node=2", "--master_port", str(29500 + os.getpid() % 1000),
+                    str(ROOT / "tests" / "ddp_worker.py"), str(tmp_path / "cfg.json"), str(out), str(steps)],
+                   env=ENV, check=True, capture_output=True, timeout=300)
+    r0, r1 = (torch.load(out / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    b = cfg.data.batch_size
+    # each step, every rank's queue received the keys of both ranks: 2 x B
+    assert int(r0["image_ptr"]) == (steps * 2 * b) % 64 == int(r1["image_ptr"])
+    assert torch.equal(r0["image_keys"], r1["image_keys"]) and torch.equal(r0["image_ids"], r1["image_ids"])
+    assert (r0["image_ids"] >= 0).sum() == steps * 2 * b
+    for k in r0["encoder"]:
+        if "running" in k or "num_batches" in k:
+            continue  # BatchNorm statistics are per rank
+        assert torch.allclose(r0["encoder"][k], r1["encoder"][k], atol=1e-6), k
