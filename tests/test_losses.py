@@ -13,6 +13,15 @@ from userlab.losses import (CollapseWarning, LossInputError, LossOutput, batch_h
                             check_collapse, collapse_score, info_nce, triplet_loss, unified_objective)
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny tensors: extra intra-op threads only fight over the two shared cores."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 # -- independent references: plain Python floats, explicit loops ---------------------------------
 def unit_rows(n: int, dim: int, gen: torch.Generator, dtype=torch.float64) -> torch.Tensor:
     return F.normalize(torch.randn(n, dim, generator=gen, dtype=dtype), dim=1)

@@ -72,6 +72,7 @@ METRIC_COLUMNS = tuple(
 _MAX_U8_ROWS = 255
 # target number of matrix entries per chunk when chunk_size is not given (bounded memory)
 _CHUNK_ENTRIES = 1 << 23
+_GPU_CHUNK_ENTRIES = 1 << 26
 
 
 # ---------------------------------------------------------------------------------------------
@@ -196,7 +197,9 @@ class _NumpyOps(_TorchOps):
 
     def has_nan(self, t: torch.Tensor) -> bool:
         arr = self.block(t)
-        return not np.isfinite(arr.sum()) and bool(np.isnan(arr).any())
+        with np.errstate(invalid="ignore", over="ignore"):   # inf - inf is fine here
+            total = arr.sum()
+        return not np.isfinite(total) and bool(np.isnan(arr).any())
 
     def to_torch(self, x):
         return torch.from_numpy(np.ascontiguousarray(x, dtype=np.int64))
@@ -215,8 +218,11 @@ def _ops_for(sims: torch.Tensor, backend: str) -> _TorchOps:
     raise ConfigError("backend", f"unknown backend {backend!r}; choose 'auto', 'torch' or 'numpy'")
 
 
-def _default_chunk(n_cap: int) -> int:
-    return max(1, min(_MAX_U8_ROWS, _CHUNK_ENTRIES // max(n_cap, 1)))
+def _default_chunk(n_cap: int, device: torch.device) -> int:
+    if device.type == "cuda":
+        # GPU kernels want big launches; a 64M-entry chunk costs ~200 MB of masks
+        return max(1, _GPU_CHUNK_ENTRIES // n_cap)
+    return max(1, min(_MAX_U8_ROWS, _CHUNK_ENTRIES // n_cap))
 
 
 def retrieval_ranks(sims: Any, captions_per_image: int = 5, chunk_size: int | None = None,
@@ -228,7 +234,8 @@ def retrieval_ranks(sims: Any, captions_per_image: int = 5, chunk_size: int | No
             ``N_cap = captions_per_image * N_img``.
         captions_per_image: captions per image ``k``; captions ``k*i .. k*i+k-1`` match image i.
         chunk_size: image rows processed at once (extra memory ~ ``3 * chunk_size * N_cap``
-            bytes); default: about 8M entries, at most 255 rows.
+            bytes); default: about 8M entries and at most 255 rows on CPU, 64M entries on
+            CUDA.
         backend: ``"torch"`` (on the device of ``sims``), ``"numpy"`` (CPU only) or ``"auto"``:
             numpy for CPU data (faster there), torch otherwise. Both give the same ranks.
 
@@ -244,7 +251,7 @@ def retrieval_ranks(sims: Any, captions_per_image: int = 5, chunk_size: int | No
     sims = _as_tensor(sims).detach()
     k = captions_per_image
     n_img, n_cap = _check_layout(sims, k)
-    chunk = _default_chunk(n_cap) if chunk_size is None else int(chunk_size)
+    chunk = _default_chunk(n_cap, sims.device) if chunk_size is None else int(chunk_size)
     if chunk < 1:
         raise ConfigError("chunk_size", f"must be >= 1, got {chunk_size!r}")
     ops = _ops_for(sims, backend)

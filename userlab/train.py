@@ -163,7 +163,7 @@ class Trainer:
         if self.world > 1:
             _broadcast_module(self.model)
         self.optimizer = torch.optim.AdamW(
-            self.model.encoder.param_groups(cfg.optim.lr, cfg.optim.text_lr_scale, cfg.optim.weight_decay),
+            self.model.param_groups(cfg.optim.lr, cfg.optim.text_lr_scale, cfg.optim.weight_decay),
             lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
         for group in self.optimizer.param_groups:
             group["base_lr"] = group["lr"]
@@ -214,7 +214,7 @@ class Trainer:
             folder = ckpt.find_checkpoint(self.run_dir, tag="last")
         except ckpt.CheckpointError:
             return False
-        ckpt.load_state_dict_checked(self.model.encoder, ckpt.load_model_state(folder), folder / ckpt.MODEL_FILE)
+        self.model.load_inference_state(ckpt.load_model_state(folder), folder / ckpt.MODEL_FILE)
         state = ckpt.load_train_state(folder, map_location=self.device)
         self.model.load_momentum_state(state["momentum"])
         self.optimizer.load_state_dict(state["optimizer"])
@@ -350,7 +350,7 @@ def load_model(path: str | os.PathLike, tag: str = "best", device: Optional[torc
     folder = ckpt.find_checkpoint(path, tag=tag)
     cfg = ExperimentConfig.from_json(folder / ckpt.CONFIG_FILE)
     vocab = Vocabulary.load(folder / "vocab.json") if (folder / "vocab.json").is_file() else None
-    model = RetrievalModel(cfg, vocab=None)
-    ckpt.load_state_dict_checked(model.encoder, ckpt.load_model_state(folder), folder / ckpt.MODEL_FILE)
+    model = RetrievalModel(cfg, vocab=vocab, with_momentum=False)
+    model.load_inference_state(ckpt.load_model_state(folder), folder / ckpt.MODEL_FILE)
     device = device or pick_device(cfg.optim.device)
     return model.to(device).eval(), cfg, vocab

@@ -34,11 +34,12 @@ class RetrievalModel(nn.Module):
         vocab: word vocabulary for a GRU text encoder (optional, for GloVe initialisation).
     """
 
-    def __init__(self, cfg: ExperimentConfig, vocab: Any = None):
+    def __init__(self, cfg: ExperimentConfig, vocab: Any = None, with_momentum: bool = True):
         super().__init__()
         self.cfg = cfg
         self.encoder = DualEncoder(cfg.model, vocab=vocab)
-        self.uses_queues = cfg.momentum.enabled and cfg.loss.objective == "uto"
+        # Inference never needs the key encoders and queues (with_momentum=False skips them).
+        self.uses_queues = with_momentum and cfg.momentum.enabled and cfg.loss.objective == "uto"
         if self.uses_queues:
             self.key_encoder = make_key_encoder(self.encoder)
             self.image_queue = MomentumQueue(cfg.model.embed_size, cfg.momentum.queue_size)
@@ -54,6 +55,10 @@ class RetrievalModel(nn.Module):
 
     def query_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.encoder.parameters() if p.requires_grad]
+
+    def param_groups(self, lr: float, text_lr_scale: float, weight_decay: float) -> list[dict]:
+        """AdamW groups: a pretrained transformer text encoder learns at ``lr * text_lr_scale``."""
+        return self.encoder.param_groups(lr, text_lr_scale, weight_decay)
 
     def train(self, mode: bool = True) -> "RetrievalModel":
         super().train(mode)
@@ -107,6 +112,11 @@ class RetrievalModel(nn.Module):
     def inference_state(self) -> dict[str, torch.Tensor]:
         """The query encoders only: what ``model.safetensors`` holds."""
         return self.encoder.state_dict()
+
+    def load_inference_state(self, state: dict[str, torch.Tensor], source: Any = "<memory>") -> None:
+        """Load query encoders; a mismatch raises CheckpointError naming ``source``."""
+        from ..checkpoint import load_state_dict_checked
+        load_state_dict_checked(self.encoder, state, source)
 
     def momentum_state(self) -> dict[str, Any]:
         """Key encoders and queues (keys, ids, pointer): part of ``state.pt``."""
