@@ -473,3 +473,16 @@ def test_evaluate_end_to_end_and_return_sims(tmp_path, write_precomp):
     assert isinstance(only_df, pd.DataFrame)
     with pytest.raises(DataError, match="f30k_1k"):
         evaluate(OneHotModel(9), dataset, "f30k_1k", progress=False)
+
+
+def test_bench_script_runs_and_agrees_at_small_size(capsys):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "bench_eval.py"
+    spec = importlib.util.spec_from_file_location("bench_eval", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert bench.main(["--images", "60", "--repeats", "1", "--no-write"]) == 0  # 0: identical
+    out = capsys.readouterr().out
+    assert "| full | 60 x 300 |" in out and "| yes |" in out

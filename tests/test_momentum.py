@@ -207,7 +207,7 @@ def test_queue_fifo_invariants(size, batches):
             assert int(ages[pos]) == (call + 1) - pushed_call[seq]
 
 
-@pytest.mark.parametrize("size,batch", [(8, 3), (5, 5), (4, 11), (7, 1)])
+@pytest.mark.parametrize("size,batch", [(8, 3), (5, 5), (4, 11), (7, 1), (7, 2)])
 def test_queue_wraps_for_batches_not_dividing_size(size, batch):
     queue = MomentumQueue(2, size)
     total = 0
@@ -216,9 +216,12 @@ def test_queue_wraps_for_batches_not_dividing_size(size, batch):
         total += batch
     # Slot j holds the newest key whose sequence number is j mod size.
     for slot in range(size):
-        seq = max(s for s in range(total) if s % size == slot)
-        assert int(queue.ids[slot]) == seq
-        assert int(queue.keys[0, slot]) == seq
+        seqs = [s for s in range(total) if s % size == slot]
+        if not seqs:  # never reached: still the initial state
+            assert int(queue.ids[slot]) == -1 and int(queue.written_at[slot]) == -1
+            continue
+        assert int(queue.ids[slot]) == max(seqs)
+        assert int(queue.keys[0, slot]) == max(seqs)
 
 
 @settings(max_examples=40, deadline=None)

@@ -95,9 +95,10 @@ def test_five_distinct_captions_in_many_frames(tiny_scenes):
                 frames[frame] += 1
     assert len(frames) > 100, f"only {len(frames)} distinct caption frames"
     text = " ".join(c.lower() for scenes in tiny_scenes.values() for s in scenes for c in s.captions)
-    for word in ("left of", "right of", "above", "below", "ball", "box", "next to", "corner",
-                 "two ", "background"):
+    for word in ("left of", "right of", "above", "below", "ball", "box", "corner", "two ",
+                 "background"):
         assert word in text, f"no caption uses {word!r}"
+    assert any(w in text for w in ("next to", "beside", "near ", "close together"))
 
 
 def test_relations_counts_and_corners_are_true(tiny_scenes):

@@ -13,7 +13,7 @@ The protocol follows SCAN / VSE++ as used by USER and DBL (method notes, section
 
 **Tie rule.** Ranks equal those of a *stable* descending argsort (``np.argsort(-row,
 kind="stable")``): among equal scores the lower index comes first. So the rank of an entry
-``p`` with score ``s`` is ``#{k : x_k > s} + #{k < p : x_k == s}``. For i2t the best-placed
+``p`` with score ``s`` is ``#{j : x_j > s} + #{j < p : x_j == s}``. For i2t the best-placed
 positive is the positive with the highest score, the lowest column among equal ones.
 
 **Vectorised counting.** Ranks are counted, not sorted: one pass over row chunks of ``sims``
@@ -45,7 +45,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .errors import DataError, ConfigError
+from .errors import ConfigError, DataError
 from .io import atomic_save_npy
 
 __all__ = [
@@ -63,10 +63,9 @@ PROTOCOLS: dict[str, int | None] = {"f30k_1k": 1000, "coco_5k": 5000, "coco_1k_5
 _FOLDS = 5
 _FOLD_IMAGES = 1000
 
-METRIC_COLUMNS = tuple(
-    [f"{d}_R@{k}" for d in ("i2t",) for k in RECALL_KS] + ["i2t_medr", "i2t_meanr"]
-    + [f"{d}_R@{k}" for d in ("t2i",) for k in RECALL_KS] + ["t2i_medr", "t2i_meanr"]
-    + ["rsum"])
+#: metric names, in table order
+METRIC_COLUMNS = tuple([f"{d}_{m}" for d in ("i2t", "t2i")
+                        for m in [f"R@{k}" for k in RECALL_KS] + ["medr", "meanr"]] + ["rsum"])
 
 # uint8 column counts cannot overflow for chunks of at most this many rows
 _MAX_U8_ROWS = 255
@@ -298,13 +297,19 @@ def retrieval_ranks(sims: Any, captions_per_image: int = 5, chunk_size: int | No
 
 def i2t_ranks(sims: Any, captions_per_image: int = 5, chunk_size: int | None = None,
               backend: str = "auto") -> torch.Tensor:
-    """Image-to-text ranks: int64 ``(N_img,)``, see :func:`retrieval_ranks`."""
+    """Image-to-text ranks: int64 ``(N_img,)``, see :func:`retrieval_ranks`.
+
+    Both directions cost one pass together; use :func:`retrieval_ranks` when both are needed.
+    """
     return retrieval_ranks(sims, captions_per_image, chunk_size, backend)[0]
 
 
 def t2i_ranks(sims: Any, captions_per_image: int = 5, chunk_size: int | None = None,
               backend: str = "auto") -> torch.Tensor:
-    """Text-to-image ranks: int64 ``(N_cap,)``, see :func:`retrieval_ranks`."""
+    """Text-to-image ranks: int64 ``(N_cap,)``, see :func:`retrieval_ranks`.
+
+    Both directions cost one pass together; use :func:`retrieval_ranks` when both are needed.
+    """
     return retrieval_ranks(sims, captions_per_image, chunk_size, backend)[1]
 
 

@@ -317,17 +317,16 @@ class MomentumQueue(nn.Module):
         keys = concat_all_gather(keys.detach())
         ids = concat_all_gather(ids.detach().to(keys.device))
         batch = keys.shape[0]
-        if batch == 0:
-            return
-        # Only the newest K keys can survive; they land where one-by-one pushes would put them.
-        kept = min(batch, self.size)
-        offsets = torch.arange(batch - kept, batch, device=self.ids.device)
-        slots = (self.ptr + offsets) % self.size
-        self.keys.index_copy_(1, slots, keys[batch - kept:].t().to(self.keys.device, self.keys.dtype))
-        self.ids.index_copy_(0, slots, ids[batch - kept:].to(self.ids.device, torch.long))
-        self.written_at.index_fill_(0, slots, self.num_enqueued)
-        self.ptr.copy_((self.ptr + batch) % self.size)
-        self.num_enqueued.add_(1)
+        if batch > 0:
+            # Only the newest K keys can survive; they land where one-by-one pushes would put them.
+            kept = min(batch, self.size)
+            offsets = torch.arange(batch - kept, batch, device=self.ids.device)
+            slots = (self.ptr + offsets) % self.size
+            self.keys.index_copy_(1, slots, keys[batch - kept:].t().to(self.keys.device, self.keys.dtype))
+            self.ids.index_copy_(0, slots, ids[batch - kept:].to(self.ids.device, torch.long))
+            self.written_at.index_fill_(0, slots, self.num_enqueued)
+            self.ptr.copy_((self.ptr + batch) % self.size)
+        self.num_enqueued.add_(1)  # counts calls, empty ones included (keys age per call)
 
     @torch.no_grad()
     def negatives_mask(self, query_ids: torch.Tensor, same_image: bool = True) -> torch.Tensor:

@@ -465,10 +465,19 @@ class _Writer:
         if not rel_pairs:
             return None
         a, b, rel = self.rng.choice(rel_pairs)
-        ra, rb = self.ref(a, colour=self.rng.random() < 0.9), self.ref(b, colour=self.rng.random() < 0.9)
         words = self.rng.choice(RELATION_WORDS[rel])
-        frames = [f"{ra} {words} {rb}", f"{ra} is {words} {rb}", f"there is {ra} {words} {rb}",
-                  f"{ra} placed {words} {rb}", f"you can see {ra} {words} {rb}"]
+        if (a.shape, a.colour, a.size) == (b.shape, b.colour, b.size):
+            # two look-alikes: "a blue star right of a blue star" reads oddly
+            names = SHAPE_NOUNS[a.shape]
+            noun, nouns = names[0] if self.rng.random() < 0.55 else self.rng.choice(names)
+            return self.rng.choice([f"one {a.colour} {noun} is {words} another",
+                                    f"{a.colour} {nouns}, one {words} another"])
+        same_look = (a.shape, a.colour) == (b.shape, b.colour)
+        ra = self.ref(a, colour=self.rng.random() < 0.9, size=True if same_look else None)
+        rb = self.ref(b, colour=self.rng.random() < 0.9, size=True if same_look else None)
+        plain_a = ra if not ra.startswith("the ") else _article(ra[4:])
+        frames = [f"{ra} {words} {rb}", f"{ra} is {words} {rb}", f"there is {plain_a} {words} {rb}",
+                  f"{ra} placed {words} {rb}", f"you can see {plain_a} {words} {rb}"]
         if ra.startswith("the "):
             frames.append(f"{ra} sits {words} {rb}")
         return self.rng.choice(frames)
@@ -480,9 +489,13 @@ class _Writer:
         (a, b, r1), (c, d, r2) = self.rng.sample(rel_pairs, 2)
         if {id(a), id(b)} == {id(c), id(d)}:
             return None
+        looks = [((p.shape, p.colour) == (q.shape, q.colour), p.size == q.size) for p, q in ((a, b), (c, d))]
+        if any(same and same_size for same, same_size in looks):
+            return None  # "a blue diamond left of a blue diamond" reads oddly
         w1, w2 = self.rng.choice(RELATION_WORDS[r1]), self.rng.choice(RELATION_WORDS[r2])
-        first = f"{self.ref(a, colour=True)} {w1} {self.ref(b, colour=True)}"
-        rc, rd = self.ref(c, colour=True), self.ref(d, colour=True)
+        sz1, sz2 = (True if same else None for same, _ in looks)
+        first = f"{self.ref(a, colour=True, size=sz1)} {w1} {self.ref(b, colour=True, size=sz1)}"
+        rc, rd = self.ref(c, colour=True, size=sz2), self.ref(d, colour=True, size=sz2)
         return self.rng.choice([f"{first}, and {rc} {w2} {rd}", f"{first} while {rc} is {w2} {rd}",
                                 f"{first}; {rc} {w2} {rd}"])
 
@@ -539,8 +552,11 @@ class _Writer:
             return None
         s, g = self.rng.choice(small), self.rng.choice(large)
         rs, rg = self.ref(s, size=True), self.ref(g, size=True)
-        return self.rng.choice([f"{rg} and {rs}", f"{rs} and {rg}",
-                                f"{self.ref(g, size=False)} that is bigger than {self.ref(s, size=False, definite=False)}"])
+        if (g.shape, g.colour) == (s.shape, s.colour):
+            bigger = f"one {g.colour} {_noun(g.shape, self.rng)} is bigger than another"
+        else:
+            bigger = f"{self.ref(g, size=False)} is bigger than {self.ref(s, size=False, definite=False)}"
+        return self.rng.choice([f"{rg} and {rs}", f"{rs} and {rg}", bigger])
 
     def frame_caption(self) -> str | None:
         placed = [(o, frame_position(o, self.size)) for o in self.objs]
@@ -551,8 +567,8 @@ class _Writer:
         where = f"in the {pos} corner" if " " in pos else self.rng.choice(
             [f"on the {pos}", f"at the {pos}"] if pos in ("top", "bottom") else
             [f"on the {pos}", f"on the {pos} side"])
-        r = self.ref(o)
-        return self.rng.choice([f"{r} {where}", f"there is {r} {where}", f"{where} there is {r}"])
+        r, some = self.ref(o), self.ref(o, definite=False)
+        return self.rng.choice([f"{r} {where}", f"there is {some} {where}", f"{where} there is {some}"])
 
     def unique_attribute(self) -> str | None:
         shapes = Counter(o.shape for o in self.objs)
