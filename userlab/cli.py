@@ -81,6 +81,10 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint-every", type=int, default=0, help="also checkpoint every N steps")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--tensorboard", action="store_true")
+    p.add_argument("--boost-schedule", choices=["none", "offline", "online", "momentum"],
+                   help="Deep Boosting Learning schedule (same as --set boost.schedule=...)")
+    p.add_argument("--boost-strategy", help="relative, absolute, score_matching, similarity_preserving, "
+                                            "mutual, dino, ... (same as --set boost.strategy=...)")
 
     p = sub.add_parser("eval", help="evaluate one run, or an ensemble of several")
     p.add_argument("runs", nargs="+", help="run or checkpoint folders (several: ensemble)")
@@ -94,12 +98,17 @@ def make_parser() -> argparse.ArgumentParser:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from .train import Trainer
+    import pandas as pd
+    from .experiment import fit_experiment
     cfg = build_config(args)
-    trainer = Trainer(cfg, resume=not args.no_resume, progress=not args.no_progress,
-                      max_steps=args.max_steps, checkpoint_every=args.checkpoint_every,
-                      tensorboard=args.tensorboard)
-    history = trainer.fit()
+    if args.boost_schedule:
+        cfg = cfg.replace(**{"boost.schedule": args.boost_schedule})
+    if args.boost_strategy:
+        cfg = cfg.replace(**{"boost.strategy": args.boost_strategy})
+    trainer = fit_experiment(cfg, resume=not args.no_resume, progress=not args.no_progress,
+                             max_steps=args.max_steps, checkpoint_every=args.checkpoint_every,
+                             tensorboard=args.tensorboard)
+    history = pd.DataFrame(trainer.history)
     if trainer.rank == 0 and len(history):
         print(history.tail(1).to_string(index=False))
         print(f"best dev rSum {trainer.best_rsum:.2f}; checkpoints in {Path(cfg.run_dir) / 'checkpoints'}")

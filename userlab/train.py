@@ -38,6 +38,7 @@ from .config import ExperimentConfig
 from .data.precomp import collate_batch
 from .evaluate import evaluate, move_batch
 from .losses import check_collapse
+from .models.boosted import BoostedModel
 from .models.user import RetrievalModel, build_model
 from .pipeline import DataBundle, EpochBatchSampler, lr_at_epoch, prepare_data
 
@@ -158,7 +159,10 @@ class Trainer:
         self.rank, self.world = init_distributed(self.device)
         seed_everything(cfg.optim.seed)
         self.data = data if data is not None else prepare_data(cfg)
-        self.model = model if model is not None else build_model(cfg, vocab=self.data.vocab)
+        if model is None:
+            model = (BoostedModel(cfg, vocab=self.data.vocab) if cfg.boost.schedule in ("online", "momentum")
+                     else build_model(cfg, vocab=self.data.vocab))
+        self.model = model
         self.model.to(self.device)
         if self.world > 1:
             _broadcast_module(self.model)
@@ -290,8 +294,11 @@ class Trainer:
             bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.optim.epochs}", disable=not self.progress,
                        leave=False, dynamic_ncols=True)
             t0 = time.perf_counter()
+            total_steps = cfg.optim.epochs * loader.batch_sampler.batches_per_epoch()
             for batch in bar:
                 batch = move_batch(batch, self.device)
+                if hasattr(self.model, "set_progress"):
+                    self.model.set_progress(self.step, total_steps)
                 row = self.train_step(batch)
                 self.step += 1
                 self.step_in_epoch += 1

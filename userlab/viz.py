@@ -1,17 +1,63 @@
-"""Figures. Every function returns a matplotlib Figure; :func:`save` writes it to ``figures/``."""
+"""Figures. Every plotting function returns a matplotlib Figure; :func:`save` writes one to ``figures/``.
+
+Groups:
+
+- runs: :func:`plot_loss_terms`, :func:`plot_dev_rsum`, :func:`plot_recall_bars`
+  (one panel per protocol), :func:`demo_figures`;
+- attention: :func:`plot_region_attention` (weighted boxes), :func:`plot_grid_attention`
+  (heat map over a feature grid), :func:`plot_gpo_weights`, :func:`plot_attention_comparison`
+  (SGE vs CGE vs none for one image), :func:`attention_weights` (the maps of an ImageOutput);
+- margins: :func:`margin_records` (positive minus hardest negative per query),
+  :func:`plot_margin_distributions` (per epoch, with the violation rate), :func:`plot_margin_epoch`;
+- queues: :func:`plot_queue_state` (key ages, queue vs batch negatives, same-image keys),
+  :func:`same_image_counts`;
+- embeddings: :func:`embedding_map_2d`, :func:`plot_embedding_map`;
+- retrieval: :func:`plot_retrieval_gallery`, :func:`plot_query_results`,
+  :func:`plot_worst_failures`.
+
+Conventions: similarity matrices are ``(N_img, N_cap)`` with rows = images and captions
+``k*i .. k*i+k-1`` belonging to image ``i`` (docs/interfaces.md); tensors may live on any device
+and are copied to the CPU here. Everything works headless: without a display matplotlib picks the
+Agg backend by itself. Ground truth is drawn in :data:`HIT_COLOUR` (green), other retrieved items
+in :data:`MISS_COLOUR` (red); retrieved items carry ``gid = "candidate:<index>"`` so a test or a
+notebook can find them.
+"""
 from __future__ import annotations
 
+import functools
 import os
+import textwrap
 from pathlib import Path
-from typing import Mapping, Optional, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
+import matplotlib.colors as mcolors
 import matplotlib.pyplot as plt  # headless: matplotlib falls back to Agg by itself
+import numpy as np
 import pandas as pd
 import seaborn as sns
+from matplotlib.collections import LineCollection
+from matplotlib.patches import Rectangle
 
+from .errors import ConfigError, DataError
 from .io import atomic_path
 
+__all__ = [
+    "FIGURES", "HIT_COLOUR", "MISS_COLOUR",
+    "save", "read_logs", "plot_loss_terms", "plot_dev_rsum", "plot_recall_bars", "demo_figures",
+    "attention_weights", "plot_region_attention", "plot_grid_attention", "plot_gpo_weights",
+    "plot_attention_comparison",
+    "margin_records", "violation_table", "plot_margin_distributions", "plot_margin_epoch",
+    "same_image_counts", "plot_queue_state",
+    "embedding_map_2d", "plot_embedding_map",
+    "load_thumbnail", "plot_retrieval_gallery", "plot_query_results", "plot_worst_failures",
+]
+
 FIGURES = Path("figures")
+HIT_COLOUR = "#1a9850"    # ground truth retrieved
+MISS_COLOUR = "#d73027"   # a wrong item in the top k
+_BOX_COLOUR = "#ffbf00"   # attention boxes: amber reads well on photos and on flat scenes
+_PLACEHOLDER_GREY = 0.86
+_THUMB_SIZE = 128
 
 
 def _style() -> None:
@@ -26,6 +72,71 @@ def save(fig: plt.Figure, name: str, folder: str | os.PathLike = FIGURES, dpi: i
     return path
 
 
+# ---------------------------------------------------------------------------------------------
+# small conversions
+# ---------------------------------------------------------------------------------------------
+def _numpy(x: Any, what: str, dtype=np.float64) -> np.ndarray:
+    """Tensor / array / list -> numpy array on the CPU (float64 by default)."""
+    if x is None:
+        raise DataError(None, f"{what} is missing")
+    if hasattr(x, "detach"):  # torch tensor, any device, any dtype
+        x = x.detach().float().cpu().numpy() if x.is_floating_point() else x.detach().cpu().numpy()
+    arr = np.asarray(x)
+    return arr.astype(dtype) if dtype is not None else arr
+
+
+def _as_image(image: Any) -> Optional[np.ndarray]:
+    """``(H, W, 3)`` float array in ``[0, 1]`` from an array, a PIL image or a path (None stays None)."""
+    if image is None:
+        return None
+    if isinstance(image, (str, os.PathLike)):
+        from PIL import Image
+        path = Path(image)
+        if not path.is_file():
+            raise DataError(path, "image file not found")
+        with Image.open(path) as img:
+            image = img.convert("RGB")
+    if hasattr(image, "convert") and hasattr(image, "size"):  # PIL image
+        image = np.asarray(image.convert("RGB"))
+    arr = _numpy(image, "image", dtype=None)
+    if arr.ndim == 2:
+        arr = np.repeat(arr[..., None], 3, axis=2)
+    if arr.ndim != 3 or arr.shape[2] not in (3, 4):
+        raise DataError(None, f"image must be (H, W, 3), got shape {arr.shape}")
+    arr = arr[..., :3]
+    if arr.dtype.kind in "ui" or arr.max() > 1.0:
+        arr = arr.astype(np.float64) / 255.0
+    return np.clip(arr.astype(np.float64), 0.0, 1.0)
+
+
+def _canvas_for(boxes: np.ndarray) -> np.ndarray:
+    """A light grey canvas large enough for ``boxes`` when no image is at hand."""
+    w = int(np.ceil(max(1.0, float(boxes[:, 2].max()) if len(boxes) else 1.0)))
+    h = int(np.ceil(max(1.0, float(boxes[:, 3].max()) if len(boxes) else 1.0)))
+    return np.full((h, w, 3), _PLACEHOLDER_GREY)
+
+
+def _check_boxes_weights(boxes: Any, weights: Any) -> tuple[np.ndarray, Optional[np.ndarray]]:
+    b = _numpy(boxes, "boxes")
+    if b.ndim != 2 or b.shape[1] != 4:
+        raise DataError(None, f"boxes must be (R, 4) x0 y0 x1 y1 in pixels, got shape {b.shape}")
+    if weights is None:
+        return b, None
+    w = _numpy(weights, "weights").reshape(-1)
+    if w.shape[0] != b.shape[0]:
+        raise DataError(None, f"{w.shape[0]} attention weights for {b.shape[0]} boxes")
+    if not np.isfinite(w).all():
+        raise DataError(None, "attention weights hold NaN or Inf")
+    return b, w
+
+
+def _wrap(text: str, width: int) -> str:
+    return "\n".join(textwrap.wrap(str(text), width=width)) or str(text)
+
+
+# ---------------------------------------------------------------------------------------------
+# runs
+# ---------------------------------------------------------------------------------------------
 def read_logs(run_dir: str | os.PathLike) -> tuple[pd.DataFrame, pd.DataFrame]:
     """``(train_log, eval_log)`` of a run folder (empty frames when missing)."""
     run = Path(run_dir)
@@ -37,8 +148,12 @@ def read_logs(run_dir: str | os.PathLike) -> tuple[pd.DataFrame, pd.DataFrame]:
 def plot_loss_terms(train_logs: Mapping[str, pd.DataFrame], smooth: int = 5) -> plt.Figure:
     """Training curves: one panel per run, one line per loss term (``loss_*`` columns)."""
     _style()
-    fig, axes = plt.subplots(1, len(train_logs), figsize=(5.5 * len(train_logs), 3.6), squeeze=False)
+    fig, axes = plt.subplots(1, max(1, len(train_logs)), figsize=(5.5 * max(1, len(train_logs)), 3.6),
+                             squeeze=False)
     for ax, (name, log) in zip(axes[0], train_logs.items()):
+        if not len(log):
+            ax.set(title=f"{name} (no log)")
+            continue
         terms = [c for c in log.columns if c.startswith("loss_")] or ["loss"]
         for term in terms:
             ax.plot(log["step"], log[term].rolling(smooth, min_periods=1).mean(), label=term.removeprefix("loss_"))
@@ -56,25 +171,46 @@ def plot_dev_rsum(eval_logs: Mapping[str, pd.DataFrame]) -> plt.Figure:
         if len(log):
             ax.plot(log["epoch"], log["rsum"], marker="o", label=name)
     ax.set(xlabel="epoch", ylabel="dev rSum", title="validation rSum")
-    ax.legend()
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend()
     fig.tight_layout()
     return fig
 
 
 def plot_recall_bars(table: pd.DataFrame, ks: Sequence[int] = (1, 5, 10)) -> plt.Figure:
-    """Grouped bars of R@K per model, image-to-text and text-to-image side by side."""
+    """Grouped bars of R@K per model, image-to-text and text-to-image side by side.
+
+    One panel per protocol when ``table`` has a ``protocol`` column with several values (e.g. the
+    rows of ``coco_1k_5fold`` and ``coco_5k`` runs concatenated), sharing the y axis.
+
+    Args:
+        table: one row per (model, protocol) with columns ``model`` (or ``name``), optionally
+            ``protocol``, and ``i2t_R@K`` / ``t2i_R@K`` for every K in ``ks``.
+        ks: the recall cut-offs to draw.
+    """
     _style()
+    label = "model" if "model" in table.columns else "name" if "name" in table.columns else None
+    if label is None:
+        raise DataError(None, "recall table needs a 'model' (or 'name') column")
+    missing = [f"{d}_R@{k}" for d in ("i2t", "t2i") for k in ks if f"{d}_R@{k}" not in table.columns]
+    if missing:
+        raise DataError(None, f"recall table lacks columns {', '.join(missing)}")
     rows = []
     for _, r in table.iterrows():
         for direction in ("i2t", "t2i"):
             for k in ks:
-                rows.append({"model": r["model"], "metric": f"{direction} R@{k}", "value": r[f"{direction}_R@{k}"]})
+                rows.append({"model": str(r[label]), "protocol": str(r.get("protocol", "")),
+                             "metric": f"{direction} R@{k}", "value": float(r[f"{direction}_R@{k}"])})
     long = pd.DataFrame(rows)
-    fig, ax = plt.subplots(figsize=(8, 3.8))
-    sns.barplot(data=long, x="metric", y="value", hue="model", ax=ax)
-    protocol = table["protocol"].iloc[0] if "protocol" in table else ""
-    ax.set(ylabel="recall (%)", xlabel="", title=f"retrieval recall ({protocol})")
-    ax.set_ylim(0, 100)
+    protocols = list(dict.fromkeys(long["protocol"]))
+    fig, axes = plt.subplots(1, len(protocols), figsize=(8 * len(protocols), 3.8), squeeze=False,
+                             sharey=True)
+    for ax, protocol in zip(axes[0], protocols):
+        part = long[long["protocol"] == protocol]
+        sns.barplot(data=part, x="metric", y="value", hue="model", ax=ax)
+        ax.set(ylabel="recall (%)", xlabel="", title=f"retrieval recall ({protocol})" if protocol
+               else "retrieval recall")
+        ax.set_ylim(0, 100)
     fig.tight_layout()
     return fig
 
@@ -90,3 +226,771 @@ def demo_figures(runs: Mapping[str, str | os.PathLike], table: pd.DataFrame,
         paths.append(save(fig, name, folder))
         plt.close(fig)
     return paths
+
+
+# ---------------------------------------------------------------------------------------------
+# attention
+# ---------------------------------------------------------------------------------------------
+def attention_weights(output: Any, index: int = 0) -> dict[str, Optional[np.ndarray]]:
+    """The attention maps of one image of an ``ImageOutput``, as float64 arrays ``(R,)``.
+
+    Args:
+        output: an :class:`userlab.models.ImageOutput` (``alpha``, ``beta``, ``guide_beta``,
+            ``gpo_weights``, each ``(B, R)`` or None).
+        index: which image of the batch.
+
+    Returns:
+        ``{"alpha": SGE's global-vector weights, "beta": region attention (SGE's when SGE runs),
+        "guide_beta": CGE's region attention, "gpo": GPO's weights over ranks}``; absent maps are
+        None.
+    """
+    out = {}
+    for key, attr in (("alpha", "alpha"), ("beta", "beta"), ("guide_beta", "guide_beta"),
+                      ("gpo", "gpo_weights")):
+        value = getattr(output, attr, None)
+        out[key] = None if value is None else _numpy(value, attr)[index]
+    return out
+
+
+def plot_region_attention(image: Any, boxes: Any, weights: Any, title: Optional[str] = None,
+                          ax: Optional[plt.Axes] = None, annotate: int = 3,
+                          scale: Optional[float] = None, max_linewidth: float = 4.0,
+                          colour: str = _BOX_COLOUR) -> plt.Figure:
+    """Region attention drawn over the image: stronger regions get more opaque, thicker boxes.
+
+    Box ``k`` gets edge alpha ``w_k / scale`` and line width ``max_linewidth * w_k / scale``
+    with ``scale = max_k w_k`` unless given, so both are proportional to the weight whatever its
+    normalisation (SGE's ``alpha`` sums to 1, ``beta`` has unit L2 norm). Boxes are drawn from
+    the weakest to the strongest so strong boxes end on top; each patch has
+    ``gid = "region:<k>"``. The ``annotate`` strongest boxes are labelled ``#k w``.
+
+    Args:
+        image: ``(H, W, 3)`` array (uint8 or float in [0, 1]), PIL image, path, or None (a grey
+            canvas that fits the boxes).
+        boxes: ``(R, 4)`` ``x0, y0, x1, y1`` in pixels of ``image``.
+        weights: ``(R,)`` non-negative attention weights, or None (uniform thin outlines).
+        title: axis title.
+        ax: draw into this axis (its figure is returned) instead of a new figure.
+        annotate: how many of the strongest boxes get a text label.
+        scale: weight that maps to full opacity (default the largest weight); give the same
+            value to several panels to compare them on one scale.
+        max_linewidth: line width of a box at full weight.
+        colour: box colour.
+    """
+    _style()
+    b, w = _check_boxes_weights(boxes, weights)
+    img = _as_image(image)
+    if img is None:
+        img = _canvas_for(b)
+    if ax is None:
+        fig, ax = plt.subplots(figsize=(4.2, 4.2 * img.shape[0] / max(1, img.shape[1])))
+    else:
+        fig = ax.figure
+    ax.imshow(img, extent=(0, img.shape[1], img.shape[0], 0), interpolation="bilinear")
+    rgb = np.array(mcolors.to_rgb(colour))
+    if w is None:
+        strength = np.full(len(b), 0.35)
+        order = np.arange(len(b))
+    else:
+        top = float(scale) if scale is not None else float(w.max()) if len(w) else 1.0
+        top = top if top > 0 else 1.0
+        strength = np.clip(w / top, 0.0, 1.0)
+        order = np.argsort(w, kind="stable")
+    for k in order:
+        x0, y0, x1, y1 = b[k]
+        a = float(strength[k])
+        patch = Rectangle((x0, y0), x1 - x0, y1 - y0, linewidth=max_linewidth * a,
+                          edgecolor=(*rgb, a), facecolor=(*rgb, 0.18 * a), gid=f"region:{int(k)}")
+        ax.add_patch(patch)
+    if w is not None and annotate > 0:
+        for k in np.argsort(-w, kind="stable")[:annotate]:
+            x0, y0 = b[k, 0], b[k, 1]
+            ax.text(x0 + 2, y0 + 2, f"#{int(k)} {w[k]:.2f}", fontsize=7, va="top", ha="left",
+                    color="black", bbox=dict(facecolor="white", alpha=0.7, pad=1, lw=0),
+                    gid=f"label:{int(k)}")
+    ax.set_xlim(0, img.shape[1])
+    ax.set_ylim(img.shape[0], 0)
+    ax.set_xticks([])
+    ax.set_yticks([])
+    ax.grid(False)
+    if title:
+        ax.set_title(title, fontsize=10)
+    return fig
+
+
+def plot_grid_attention(image: Any, weights: Any, grid: tuple[int, int],
+                        title: Optional[str] = None, ax: Optional[plt.Axes] = None,
+                        alpha: float = 0.55, cmap: str = "magma") -> plt.Figure:
+    """Attention over a feature grid as a heat map laid over the image.
+
+    Grid features are regions in row-major order (``R = h*w``, docs/interfaces.md), so weight
+    ``k`` covers cell ``(k // w, k % w)``. The overlay is the second image of the axis
+    (``ax.images[1]``), its array the ``(h, w)`` weights; a colour bar is added.
+
+    Args:
+        image: ``(H, W, 3)`` array, PIL image, path, or None (grey canvas of ``grid`` size x 32).
+        weights: ``(h*w,)`` weights.
+        grid: ``(h, w)``.
+        title: axis title.
+        ax: target axis.
+        alpha: overlay opacity.
+        cmap: colour map of the overlay.
+    """
+    _style()
+    h, w_cells = int(grid[0]), int(grid[1])
+    weights = _numpy(weights, "weights").reshape(-1)
+    if weights.shape[0] != h * w_cells:
+        raise DataError(None, f"{weights.shape[0]} weights do not fill a {h}x{w_cells} grid "
+                              f"({h * w_cells} cells)")
+    img = _as_image(image)
+    if img is None:
+        img = np.full((32 * h, 32 * w_cells, 3), _PLACEHOLDER_GREY)
+    if ax is None:
+        fig, ax = plt.subplots(figsize=(4.6, 4.2 * img.shape[0] / max(1, img.shape[1])))
+    else:
+        fig = ax.figure
+    extent = (0, img.shape[1], img.shape[0], 0)
+    ax.imshow(img, extent=extent)
+    heat = ax.imshow(weights.reshape(h, w_cells), extent=extent, alpha=alpha, cmap=cmap,
+                     interpolation="nearest")
+    fig.colorbar(heat, ax=ax, fraction=0.046, pad=0.04)
+    ax.set_xticks([])
+    ax.set_yticks([])
+    ax.grid(False)
+    if title:
+        ax.set_title(title, fontsize=10)
+    return fig
+
+
+def plot_gpo_weights(weights: Any, title: Optional[str] = None,
+                     ax: Optional[plt.Axes] = None) -> plt.Figure:
+    """GPO's pooling weights as bars, one bar per rank.
+
+    GPO weighs the *k-th largest value* of every dimension (not region ``k`` itself), so the x
+    axis is the rank; weights of padded ranks are 0.
+
+    Args:
+        weights: ``(R,)`` weights of one sequence, or ``{name: (R,)}`` (e.g. image and text):
+            one panel per entry.
+        title: figure title (single series) or suptitle.
+        ax: target axis (single series only).
+    """
+    _style()
+    series = dict(weights) if isinstance(weights, Mapping) else {"": weights}
+    series = {name: _numpy(v, f"GPO weights {name}").reshape(-1) for name, v in series.items()}
+    if ax is not None and len(series) != 1:
+        raise ConfigError("ax", "an axis can hold one series of GPO weights")
+    if ax is None:
+        fig, axes = plt.subplots(1, len(series), figsize=(4.2 * len(series), 3.0), squeeze=False)
+        axes = list(axes[0])
+    else:
+        fig, axes = ax.figure, [ax]
+    for a, (name, w) in zip(axes, series.items()):
+        a.bar(np.arange(len(w)), w, color=sns.color_palette()[0])
+        a.set(xlabel="rank (k-th largest value)", ylabel="GPO weight", title=name or None)
+    if title and len(series) == 1:
+        axes[0].set_title(title)
+    elif title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def plot_attention_comparison(image: Any, boxes: Any, attention: Mapping[str, Any],
+                              title: Optional[str] = None, shared_scale: bool = False,
+                              annotate: int = 3) -> plt.Figure:
+    """One panel per attention map of the same image, e.g. ``{"SGE": β1, "CGE": β2, "none": None}``.
+
+    Args:
+        image: the image (see :func:`plot_region_attention`).
+        boxes: ``(R, 4)`` region boxes in pixels.
+        attention: name -> ``(R,)`` weights, or None for a model without enhancement (its panel
+            shows plain outlines).
+        title: suptitle.
+        shared_scale: map the largest weight over all panels to full opacity (compare
+            strengths), instead of each panel's own maximum (compare where each one looks).
+        annotate: labels per panel.
+    """
+    _style()
+    if not attention:
+        raise ConfigError("attention", "needs at least one named attention map")
+    img = _as_image(image)
+    scale = None
+    if shared_scale:
+        tops = [float(_numpy(w, name).max()) for name, w in attention.items() if w is not None]
+        scale = max(tops) if tops else None
+    n = len(attention)
+    fig, axes = plt.subplots(1, n, figsize=(3.6 * n, 3.8), squeeze=False)
+    for ax, (name, w) in zip(axes[0], attention.items()):
+        plot_region_attention(img, boxes, w, title=name if w is not None else f"{name} (no attention)",
+                              ax=ax, annotate=annotate, scale=scale)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+# ---------------------------------------------------------------------------------------------
+# margins
+# ---------------------------------------------------------------------------------------------
+def _captions_per_image(shape: tuple[int, int]) -> int:
+    n_img, n_cap = shape
+    if n_img == 0 or n_cap % n_img:
+        raise DataError(None, f"similarity matrix {shape}: captions ({n_cap}) are not a whole "
+                              f"multiple of images ({n_img})")
+    return n_cap // n_img
+
+
+def margin_records(sim: Any, epoch: int, name: Optional[str] = None,
+                   column: str = "model") -> pd.DataFrame:
+    """Positive minus hardest negative for every query of a similarity matrix.
+
+    For ``(B, B)`` batch scores (pair ``(i, i)`` positive) and for ``(N, kN)`` evaluation scores
+    (captions ``k*i..k*i+k-1`` of image ``i``):
+
+    - image query ``i``: ``positive`` = its best caption's score, ``hardest_negative`` = the best
+      score among the other images' captions;
+    - caption query ``c``: ``positive = S[c // k, c]``, ``hardest_negative = max_{i != c//k} S[i, c]``.
+
+    ``margin = positive − hardest_negative``: positive iff the query is ranked first (R@1 hit,
+    ties aside); below DBL's γ = 0.2 the VSE++ hinge of that query is active. With one image the
+    hardest negative is ``-inf`` and the margin ``+inf``.
+
+    Args:
+        sim: ``(B, B)`` or ``(N, kN)`` tensor or array, rows = images.
+        epoch: stored in the ``epoch`` column.
+        name: model / branch name, stored in ``column`` when given.
+        column: the column that holds ``name`` (``"model"`` or ``"branch"``).
+
+    Returns:
+        DataFrame with columns ``epoch, direction ("i2t"/"t2i"), query, positive,
+        hardest_negative, margin`` (+ ``column``), image queries first.
+    """
+    S = _numpy(sim, "sim")
+    if S.ndim != 2:
+        raise DataError(None, f"sim must be 2-d (images, captions), got shape {S.shape}")
+    k = _captions_per_image(S.shape)
+    n_img, n_cap = S.shape
+    owner = np.arange(n_cap) // k                                  # image of each caption
+    is_pos = owner[None, :] == np.arange(n_img)[:, None]            # (N, kN)
+    with np.errstate(invalid="ignore"):
+        i2t_pos = np.where(is_pos, S, -np.inf).max(axis=1)
+        i2t_neg = np.where(is_pos, -np.inf, S).max(axis=1)
+        t2i_pos = S[owner, np.arange(n_cap)]
+        t2i_neg = np.where(is_pos, -np.inf, S).max(axis=0)
+    frames = []
+    for direction, pos, neg in (("i2t", i2t_pos, i2t_neg), ("t2i", t2i_pos, t2i_neg)):
+        frames.append(pd.DataFrame({"epoch": epoch, "direction": direction,
+                                    "query": np.arange(len(pos)), "positive": pos,
+                                    "hardest_negative": neg, "margin": pos - neg}))
+    df = pd.concat(frames, ignore_index=True)
+    if name is not None:
+        df[column] = name
+    return df
+
+
+def _hue_column(records: pd.DataFrame, hue: Optional[str]) -> Optional[str]:
+    if hue is not None:
+        if hue not in records.columns:
+            raise DataError(None, f"margin records have no column {hue!r}")
+        return hue
+    return next((c for c in ("model", "branch") if c in records.columns), None)
+
+
+def _check_records(records: pd.DataFrame) -> pd.DataFrame:
+    missing = [c for c in ("epoch", "margin") if c not in records.columns]
+    if missing:
+        raise DataError(None, f"margin records lack columns {', '.join(missing)} "
+                              "(build them with margin_records)")
+    return records[np.isfinite(records["margin"].to_numpy(dtype=np.float64))]
+
+
+def violation_table(records: pd.DataFrame, threshold: float = 0.2,
+                    hue: Optional[str] = None) -> pd.DataFrame:
+    """Fraction of queries with ``margin < threshold`` per epoch (and per ``hue``)."""
+    records = _check_records(records)
+    hue = _hue_column(records, hue)
+    keys = ["epoch"] + ([hue] if hue else [])
+    out = (records.assign(violated=records["margin"] < threshold)
+           .groupby(keys, sort=True)["violated"].mean().rename("violation_rate").reset_index())
+    return out
+
+
+def plot_margin_distributions(records: pd.DataFrame, threshold: float = 0.2,
+                              hue: Optional[str] = None, direction: Optional[str] = None,
+                              violations: Optional[pd.DataFrame] = None) -> plt.Figure:
+    """Margin distributions per epoch (left) and the violation rate per epoch (right).
+
+    Args:
+        records: rows of :func:`margin_records` (columns ``epoch``, ``margin``, optionally
+            ``direction`` and ``model`` / ``branch``), several epochs concatenated.
+        threshold: a query violates when its margin is below this; 0.2 = DBL's γ, where the
+            hardest-negative triplet hinge becomes active (0 counts R@1 misses).
+        hue: column that separates models / branches (default ``model`` or ``branch`` if present).
+        direction: keep only ``"i2t"`` or ``"t2i"`` queries (default both).
+        violations: optional precomputed rates (columns ``epoch``, ``violation_rate`` and the
+            hue column), e.g. :func:`userlab.boosting.violation_rate` per epoch, drawn instead of
+            the rates derived from ``records``.
+    """
+    _style()
+    if direction is not None:
+        if "direction" not in records.columns:
+            raise DataError(None, "margin records have no 'direction' column to filter on")
+        records = records[records["direction"] == direction]
+    records = _check_records(records)
+    if not len(records):
+        raise DataError(None, "no finite margins to plot")
+    hue = _hue_column(records, hue)
+    rates = violation_table(records, threshold, hue) if violations is None else violations
+    fig, (ax_d, ax_v) = plt.subplots(1, 2, figsize=(11, 3.8), gridspec_kw={"width_ratios": [2, 1]})
+    sns.violinplot(data=records, x="epoch", y="margin", hue=hue, cut=0, inner="quartile",
+                   density_norm="width", ax=ax_d, linewidth=0.8)
+    ax_d.axhline(0.0, color="black", lw=0.8)
+    if threshold != 0.0:
+        ax_d.axhline(threshold, color=MISS_COLOUR, lw=0.8, ls="--", label=f"threshold {threshold:g}")
+    ax_d.set(title="positive − hardest negative", ylabel="margin")
+    groups = [(None, rates)] if hue is None else list(rates.groupby(hue, sort=False))
+    for name, part in groups:
+        part = part.sort_values("epoch")
+        ax_v.plot(part["epoch"].to_numpy(), 100.0 * part["violation_rate"].to_numpy(), marker="o",
+                  label=None if name is None else str(name))
+    ax_v.set(xlabel="epoch", ylabel="violating queries (%)", title=f"margin < {threshold:g}")
+    ax_v.set_ylim(0, 100)
+    if hue is not None:
+        ax_v.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def plot_margin_epoch(records: pd.DataFrame, epoch: Any, threshold: float = 0.2,
+                      hue: Optional[str] = None, bins: int = 30) -> plt.Figure:
+    """Histogram of the margins of one epoch, with 0 and ``threshold`` marked.
+
+    The title gives the epoch and the violation rate (fraction of queries with margin below
+    ``threshold``), per model when ``hue`` applies.
+    """
+    _style()
+    records = _check_records(records)
+    part = records[records["epoch"] == epoch]
+    if not len(part):
+        raise DataError(None, f"no margin records for epoch {epoch!r} (have "
+                              f"{sorted(records['epoch'].unique().tolist())})")
+    hue = _hue_column(part, hue)
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    sns.histplot(data=part, x="margin", hue=hue, bins=bins, element="step", stat="density",
+                 common_norm=False, ax=ax)
+    ax.axvline(0.0, color="black", lw=0.8)
+    ax.axvline(threshold, color=MISS_COLOUR, lw=0.8, ls="--")
+    rates = violation_table(part, threshold, hue)
+    if hue is None:
+        rate_text = f"{100 * rates['violation_rate'].iloc[0]:.1f}%"
+    else:
+        rate_text = ", ".join(f"{r[hue]} {100 * r['violation_rate']:.1f}%" for _, r in rates.iterrows())
+    ax.set(title=f"epoch {epoch}: margin < {threshold:g} for {rate_text}", xlabel="margin")
+    fig.tight_layout()
+    return fig
+
+
+# ---------------------------------------------------------------------------------------------
+# queues
+# ---------------------------------------------------------------------------------------------
+def same_image_counts(queue_ids: Any, query_ids: Any) -> np.ndarray:
+    """How many queue keys share each query's image id: int64 ``(B,)``.
+
+    Never-written slots carry id ``-1`` and match no real id. These keys are false negatives
+    when masking is off (as in the released USER).
+    """
+    q = _numpy(queue_ids, "queue ids", dtype=np.int64).reshape(-1)
+    ids = _numpy(query_ids, "query ids", dtype=np.int64).reshape(-1)
+    valid = q >= 0
+    return (ids[:, None] == np.where(valid, q, np.iinfo(np.int64).min)[None, :]).sum(axis=1)
+
+
+def _off_diagonal(sims: Any) -> np.ndarray:
+    s = _numpy(sims, "batch negatives")
+    if s.ndim == 2 and s.shape[0] == s.shape[1]:
+        return s[~np.eye(s.shape[0], dtype=bool)]
+    return s.reshape(-1)
+
+
+def plot_queue_state(queue: Any, current_step: Optional[int] = None, query_emb: Any = None,
+                     batch_neg_sims: Any = None, query_ids: Any = None, bins: int = 30) -> plt.Figure:
+    """What sits in a :class:`userlab.momentum.MomentumQueue`.
+
+    Panels (the last two only when their inputs are given):
+
+    1. age of the stored keys: ``current_step − written_at`` (in enqueue calls; by default
+       ``current_step`` is the queue's ``num_enqueued``, i.e. one enqueue per training step);
+       never-written slots (USER's random initial keys) are counted in the title;
+    2. similarity of the queries to the queue keys the loss uses (never-written slots only when
+       the queue's ``include_unfilled`` is True, as in USER) against the batch negatives
+       ``batch_neg_sims`` (off-diagonal of the ``(B, B)`` batch matrix, or a flat array);
+    3. keys of the query's own image per query (false negatives when masking is off).
+
+    Args:
+        queue: the queue (``keys (E, K)``, ``ids (K,)``, ``written_at (K,)``, ``num_enqueued``).
+        current_step: step to measure ages from.
+        query_emb: ``(B, E)`` query embeddings of the *other* modality (image queries against
+            the text queue and vice versa).
+        batch_neg_sims: ``(B, B)`` batch similarities or a 1-d array of batch negative scores.
+        query_ids: ``(B,)`` image ids of the queries.
+    """
+    _style()
+    written = _numpy(queue.written_at, "queue.written_at", dtype=np.int64)
+    filled = written >= 0
+    step = int(queue.num_enqueued) if current_step is None else int(current_step)
+    ages = step - written[filled]
+    panels = 1 + int(query_emb is not None or batch_neg_sims is not None) + int(query_ids is not None)
+    fig, axes = plt.subplots(1, panels, figsize=(4.6 * panels, 3.6), squeeze=False)
+    axes = list(axes[0])
+    ax = axes.pop(0)
+    if len(ages):
+        ax.hist(ages, bins=np.arange(ages.min(), ages.max() + 2) - 0.5 if ages.max() - ages.min() < bins
+                else bins, color=sns.color_palette()[0])
+    ax.set(xlabel="key age (steps)", ylabel="keys",
+           title=f"{int(filled.sum())} keys, {int((~filled).sum())} unfilled")
+    if query_emb is not None or batch_neg_sims is not None:
+        ax = axes.pop(0)
+        groups = []
+        if query_emb is not None:
+            q = _numpy(query_emb, "query_emb")
+            keys = _numpy(queue.keys, "queue.keys")
+            if q.ndim != 2 or q.shape[1] != keys.shape[0]:
+                raise DataError(None, f"query_emb must be (B, {keys.shape[0]}), got {q.shape}")
+            # the slots the loss uses: never-written (random) keys too when the queue allows them
+            used = filled | bool(getattr(queue, "include_unfilled", True))
+            groups.append(("queue negatives", (q @ keys[:, used]).reshape(-1), 1))
+        if batch_neg_sims is not None:
+            groups.append(("batch negatives", _off_diagonal(batch_neg_sims), 2))
+        values = [v for _, v, _ in groups if len(v)]
+        edges = np.histogram_bin_edges(np.concatenate(values), bins=bins) if values else bins
+        for label, v, colour in groups:
+            if len(v):  # one set of bins so the two densities compare bar by bar
+                ax.hist(v, bins=edges, density=True, alpha=0.55, color=sns.color_palette()[colour],
+                        label=f"{label} (mean {v.mean():.2f})")
+        ax.set(xlabel="similarity", ylabel="density", title="negatives")
+        ax.legend(fontsize=8)
+    if query_ids is not None:
+        ax = axes.pop(0)
+        counts = same_image_counts(queue.ids, query_ids)
+        ax.bar(np.arange(len(counts)), counts, color=MISS_COLOUR)
+        ax.set(xlabel="query", ylabel="same-image keys",
+               title=f"same-image keys: {int(counts.sum())} ({(counts > 0).mean() * 100:.0f}% of queries)")
+    fig.tight_layout()
+    return fig
+
+
+# ---------------------------------------------------------------------------------------------
+# embedding map
+# ---------------------------------------------------------------------------------------------
+def embedding_map_2d(points: Any, method: str = "pca", seed: int = 0) -> np.ndarray:
+    """2-D coordinates ``(N, 2)`` of ``points (N, E)``.
+
+    ``"pca"``: projection on the two leading principal axes (exact eigen-decomposition of the
+    ``E x E`` covariance in float64, signs fixed so each axis's largest loading is positive:
+    repeatable). ``"tsne"``: scikit-learn's t-SNE (PCA init, ``random_state=seed``), slow beyond
+    a few thousand points.
+    """
+    x = _numpy(points, "points")
+    if x.ndim != 2 or x.shape[0] < 2:
+        raise DataError(None, f"need at least two points (N, E), got shape {x.shape}")
+    if method == "pca":
+        x = x - x.mean(axis=0, keepdims=True)
+        vals, vecs = np.linalg.eigh(x.T @ x)
+        axes = vecs[:, np.argsort(vals)[::-1][:2]]
+        if axes.shape[1] < 2:
+            axes = np.pad(axes, ((0, 0), (0, 2 - axes.shape[1])))
+        signs = np.sign(axes[np.abs(axes).argmax(axis=0), np.arange(axes.shape[1])])
+        return x @ (axes * np.where(signs == 0, 1.0, signs))
+    if method == "tsne":
+        from sklearn.manifold import TSNE
+        perplexity = float(min(30.0, max(2.0, (x.shape[0] - 1) / 3.0)))
+        return TSNE(n_components=2, init="pca", random_state=seed,
+                    perplexity=perplexity).fit_transform(x)
+    raise ConfigError("method", f"{method!r} is not one of pca, tsne")
+
+
+def plot_embedding_map(img_emb: Any, cap_emb: Any, labels: Any = None, method: str = "pca",
+                       n_linked: int = 5, linked: Optional[Sequence[int]] = None,
+                       max_images: Optional[int] = 500, seed: int = 0) -> plt.Figure:
+    """Images and captions in one 2-D map of the joint space.
+
+    Images are dots, captions crosses; with ``labels`` both are coloured by their image's label.
+    For ``n_linked`` images (or the indices in ``linked``) lines join the image to each of its
+    captions (one ``LineCollection`` with ``gid="links"``): short lines mean the pair is close
+    in the joint space.
+
+    Args:
+        img_emb: ``(N, E)`` image embeddings.
+        cap_emb: ``(kN, E)`` caption embeddings, captions ``k*i..`` of image ``i``.
+        labels: optional ``(N,)`` label per image (e.g. the main object's shape).
+        method: ``"pca"`` or ``"tsne"`` (see :func:`embedding_map_2d`).
+        n_linked: number of images to link to their captions (evenly spaced).
+        linked: explicit image indices to link (overrides ``n_linked``).
+        max_images: keep only this many images (evenly spaced) and their captions, for speed.
+        seed: t-SNE seed.
+    """
+    _style()
+    img = _numpy(img_emb, "img_emb")
+    cap = _numpy(cap_emb, "cap_emb")
+    if img.ndim != 2 or cap.ndim != 2 or img.shape[1] != cap.shape[1]:
+        raise DataError(None, f"embeddings must be (N, E) and (kN, E), got {img.shape} and {cap.shape}")
+    k = _captions_per_image((img.shape[0], cap.shape[0]))
+    lab = None if labels is None else np.asarray(labels)
+    if lab is not None and len(lab) != len(img):
+        raise DataError(None, f"{len(lab)} labels for {len(img)} images")
+    keep = np.arange(len(img))
+    if max_images is not None and len(img) > max_images:
+        keep = np.unique(np.linspace(0, len(img) - 1, max_images).round().astype(int))
+    cap_keep = (keep[:, None] * k + np.arange(k)[None, :]).reshape(-1)
+    xy = embedding_map_2d(np.concatenate([img[keep], cap[cap_keep]]), method, seed)
+    xy_img, xy_cap = xy[:len(keep)], xy[len(keep):]
+    fig, ax = plt.subplots(figsize=(6.4, 5.2))
+    if lab is None:
+        ax.scatter(xy_cap[:, 0], xy_cap[:, 1], marker="x", s=12, alpha=0.5, label="captions",
+                   color=sns.color_palette()[1])
+        ax.scatter(xy_img[:, 0], xy_img[:, 1], marker="o", s=22, label="images",
+                   color=sns.color_palette()[0], edgecolor="white", linewidth=0.4)
+        ax.legend(fontsize=8)
+    else:
+        names = list(dict.fromkeys(lab[keep].tolist()))
+        palette = dict(zip(names, sns.color_palette("tab10" if len(names) <= 10 else "husl", len(names))))
+        cap_lab = np.repeat(lab[keep], k)
+        for name in names:
+            ax.scatter(*xy_cap[cap_lab == name].T, marker="x", s=12, alpha=0.5, color=palette[name])
+            ax.scatter(*xy_img[lab[keep] == name].T, marker="o", s=22, color=palette[name],
+                       edgecolor="white", linewidth=0.4, label=str(name))
+        ax.legend(fontsize=7, title="image label (dots), captions (x)", title_fontsize=7,
+                  loc="best", ncol=1 + len(names) // 8)
+    position = {int(i): j for j, i in enumerate(keep)}
+    if linked is None:
+        chosen = keep[np.unique(np.linspace(0, len(keep) - 1, min(n_linked, len(keep))).round().astype(int))] \
+            if n_linked > 0 else []
+    else:
+        missing = [int(i) for i in linked if int(i) not in position]
+        if missing:
+            raise DataError(None, f"linked images {missing} are not drawn (out of range or dropped "
+                                  f"by max_images)")
+        chosen = [int(i) for i in linked]
+    segments = [[xy_img[position[int(i)]], xy_cap[position[int(i)] * k + c]]
+                for i in chosen for c in range(k)]
+    if segments:
+        ax.add_collection(LineCollection(segments, colors="black", linewidths=0.7, alpha=0.6,
+                                         gid="links"))
+    ax.set(title=f"joint embedding space ({method.upper()}, {len(keep)} images)", xticks=[], yticks=[])
+    fig.tight_layout()
+    return fig
+
+
+# ---------------------------------------------------------------------------------------------
+# retrieval galleries
+# ---------------------------------------------------------------------------------------------
+@functools.lru_cache(maxsize=512)
+def _thumbnail_cached(path: str, size: int, mtime: float) -> np.ndarray:
+    from PIL import Image
+    with Image.open(path) as img:
+        img = img.convert("RGB")
+        img.thumbnail((size, size))
+        return np.asarray(img).astype(np.float64) / 255.0
+
+
+def load_thumbnail(dataset: Any, index: int, size: int = _THUMB_SIZE) -> Optional[np.ndarray]:
+    """Image ``index`` of ``dataset`` as an ``(h, w, 3)`` float array at most ``size`` pixels wide,
+    or None when the dataset lists no image files (or the file is gone)."""
+    paths = getattr(dataset, "image_paths", None)
+    if not paths:
+        return None
+    path = Path(paths[int(index)])
+    try:
+        return _thumbnail_cached(str(path), int(size), path.stat().st_mtime)
+    except OSError:
+        return None
+
+
+def _show_thumbnail(ax: plt.Axes, dataset: Any, index: int) -> None:
+    thumb = load_thumbnail(dataset, index)
+    if thumb is None:
+        ax.imshow(np.full((64, 64, 3), _PLACEHOLDER_GREY), extent=(0, 1, 1, 0))
+        ax.text(0.5, 0.5, f"image\n{index}", ha="center", va="center", fontsize=9, color="0.3",
+                transform=ax.transAxes)
+    else:
+        ax.imshow(thumb)
+    ax.set_xticks([])
+    ax.set_yticks([])
+    ax.grid(False)
+
+
+def _frame(ax: plt.Axes, colour: str, width: float, gid: str) -> None:
+    ax.add_patch(Rectangle((0, 0), 1, 1, transform=ax.transAxes, fill=False, edgecolor=colour,
+                           linewidth=width, clip_on=False, gid=gid))
+
+
+def _check_gallery_sims(sims: Any, dataset: Any) -> tuple[np.ndarray, int]:
+    S = _numpy(sims, "sims")
+    if S.ndim != 2:
+        raise DataError(None, f"sims must be (N_img, N_cap), got shape {S.shape}")
+    k = _captions_per_image(S.shape)
+    captions = getattr(dataset, "captions", None)
+    if captions is not None and len(captions) != S.shape[1]:
+        raise DataError(None, f"sims has {S.shape[1]} captions but the dataset {len(captions)}")
+    return S, k
+
+
+def _caption_text(dataset: Any, c: int) -> str:
+    captions = getattr(dataset, "captions", None)
+    return captions[c] if captions is not None else f"caption {c}"
+
+
+def _ranked(scores: np.ndarray) -> np.ndarray:
+    """Indices by descending score, ties by index (the evaluation's tie rule)."""
+    return np.argsort(-scores, kind="stable")
+
+
+def plot_retrieval_gallery(sims: Any, dataset: Any, queries: Sequence[int], k: int = 5,
+                           direction: str = "i2t", wrap: int = 70) -> plt.Figure:
+    """Top-k results of some queries with the ground truth marked.
+
+    - ``"i2t"``: one row per query image: its thumbnail, then its top-k captions, ground truth in
+      green and the rest in red; when no ground-truth caption made the top k, a last grey line
+      gives the best one and its rank.
+    - ``"t2i"``: one row per query caption: the caption, then its top-k images (thumbnails from
+      ``dataset.image_paths``, else a grey tile with the index), the ground-truth image framed in
+      green, the others in red.
+
+    Retrieved items carry ``gid = "candidate:<index>"`` (caption texts, image frames).
+
+    Args:
+        sims: ``(N_img, N_cap)`` similarities, rows = images.
+        dataset: anything with ``captions`` (list of ``N_cap`` strings) and optionally
+            ``image_paths`` (e.g. :class:`userlab.data.precomp.PrecompDataset`).
+        queries: image indices (i2t) or caption indices (t2i).
+        k: results per query.
+        direction: ``"i2t"`` or ``"t2i"``.
+        wrap: characters per caption line.
+    """
+    _style()
+    if direction not in ("i2t", "t2i"):
+        raise ConfigError("direction", f"{direction!r} is not one of i2t, t2i")
+    S, per_image = _check_gallery_sims(sims, dataset)
+    queries = [int(q) for q in queries]
+    if not queries:
+        raise ConfigError("queries", "give at least one query index")
+    limit = S.shape[0] if direction == "i2t" else S.shape[1]
+    bad = [q for q in queries if not 0 <= q < limit]
+    if bad:
+        raise DataError(None, f"query indices {bad} are outside 0..{limit - 1}")
+    k = max(1, min(int(k), S.shape[1] if direction == "i2t" else S.shape[0]))
+    n = len(queries)
+    if direction == "i2t":
+        fig, axes = plt.subplots(n, 2, figsize=(10, 0.42 * (k + 2) * n + 0.3), squeeze=False,
+                                 gridspec_kw={"width_ratios": [1, 4]})
+        for row, i in enumerate(queries):
+            ax_img, ax_txt = axes[row]
+            _show_thumbnail(ax_img, dataset, i)
+            order = _ranked(S[i])
+            gt_ranks = np.flatnonzero(order // per_image == i)
+            best = int(gt_ranks[0])
+            ax_img.set_title(f"image {i}", fontsize=9)
+            ax_txt.axis("off")
+            ax_txt.set_title(f"image {i}: top-{k} captions, ground truth at rank {best + 1}",
+                             fontsize=9, loc="left")
+            lines = k + (1 if best >= k else 0)
+            for j, c in enumerate(order[:k]):
+                hit = c // per_image == i
+                ax_txt.text(0.0, 1.0 - (j + 0.5) / lines, f"{j + 1}. ({S[i, c]:.2f}) "
+                            + textwrap.shorten(_caption_text(dataset, int(c)), wrap),
+                            color=HIT_COLOUR if hit else MISS_COLOUR, fontsize=8.5, va="center",
+                            transform=ax_txt.transAxes, gid=f"candidate:{int(c)}",
+                            fontweight="bold" if hit else "normal")
+            if best >= k:
+                c = int(order[best])
+                ax_txt.text(0.0, 1.0 - (k + 0.5) / lines, f"{best + 1}. ({S[i, c]:.2f}) "
+                            + textwrap.shorten(_caption_text(dataset, c), wrap) + "  [ground truth]",
+                            color="0.35", fontsize=8.5, va="center", style="italic",
+                            transform=ax_txt.transAxes, gid=f"ground_truth:{c}")
+    else:
+        fig, axes = plt.subplots(n, k + 1, figsize=(2.6 + 1.6 * k, 1.95 * n + 0.3), squeeze=False,
+                                 gridspec_kw={"width_ratios": [1.6] + [1] * k})
+        for row, c in enumerate(queries):
+            ax_txt = axes[row][0]
+            ax_txt.axis("off")
+            gt = c // per_image
+            order = _ranked(S[:, c])
+            rank = int(np.flatnonzero(order == gt)[0])
+            ax_txt.text(0.0, 0.5, _wrap(_caption_text(dataset, c), 26)
+                        + f"\n\ncaption {c}\nground truth: image {gt}\nat rank {rank + 1}",
+                        fontsize=8.5, va="center", transform=ax_txt.transAxes)
+            for j, i in enumerate(order[:k]):
+                ax = axes[row][j + 1]
+                _show_thumbnail(ax, dataset, int(i))
+                hit = int(i) == gt
+                _frame(ax, HIT_COLOUR if hit else MISS_COLOUR, 4.0 if hit else 1.5,
+                       f"candidate:{int(i)}")
+                ax.set_title(f"#{j + 1} img {int(i)} ({S[i, c]:.2f})", fontsize=8,
+                             color=HIT_COLOUR if hit else "black")
+    fig.tight_layout()
+    return fig
+
+
+def plot_query_results(scores: Any, dataset: Any, query: str, k: int = 5,
+                       ground_truth: Optional[int] = None, note: str = "") -> plt.Figure:
+    """Top-k images for a free-text query scored against every image.
+
+    Args:
+        scores: ``(N_img,)`` query-image scores.
+        dataset: see :func:`plot_retrieval_gallery` (``image_paths`` for thumbnails).
+        query: the query text (shown on the left).
+        k: images shown.
+        ground_truth: image index to frame green (others red); None frames everything grey.
+        note: an extra line under the query (e.g. unknown words).
+    """
+    _style()
+    s = _numpy(scores, "scores").reshape(-1)
+    k = max(1, min(int(k), len(s)))
+    order = _ranked(s)
+    fig, axes = plt.subplots(1, k + 1, figsize=(2.6 + 1.6 * k, 2.2), squeeze=False,
+                             gridspec_kw={"width_ratios": [1.6] + [1] * k})
+    ax_txt = axes[0][0]
+    ax_txt.axis("off")
+    ax_txt.text(0.0, 0.5, _wrap(f"“{query}”", 26) + (f"\n\n{_wrap(note, 30)}" if note else ""),
+                fontsize=8.5, va="center", transform=ax_txt.transAxes)
+    for j, i in enumerate(order[:k]):
+        ax = axes[0][j + 1]
+        _show_thumbnail(ax, dataset, int(i))
+        if ground_truth is None:
+            colour, width = "0.5", 1.0
+        else:
+            hit = int(i) == int(ground_truth)
+            colour, width = (HIT_COLOUR, 4.0) if hit else (MISS_COLOUR, 1.5)
+        _frame(ax, colour, width, f"candidate:{int(i)}")
+        ax.set_title(f"#{j + 1} img {int(i)} ({s[i]:.2f})", fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def plot_worst_failures(sims: Any, dataset: Any, n: int = 6, direction: str = "i2t",
+                        k: int = 5) -> plt.Figure:
+    """The ``n`` queries whose ground truth ranks worst, as a retrieval gallery.
+
+    Ranks come from :func:`userlab.evaluate.retrieval_ranks` (same tie rule as the metrics); ties
+    between equally bad queries go to the lower index.
+
+    Args:
+        sims: ``(N_img, N_cap)`` similarities.
+        dataset: see :func:`plot_retrieval_gallery`.
+        n: number of queries.
+        direction: ``"i2t"`` (worst images) or ``"t2i"`` (worst captions).
+        k: results per query.
+    """
+    from .evaluate import retrieval_ranks
+    if direction not in ("i2t", "t2i"):
+        raise ConfigError("direction", f"{direction!r} is not one of i2t, t2i")
+    S, per_image = _check_gallery_sims(sims, dataset)
+    i2t, t2i = retrieval_ranks(S, per_image)
+    ranks = (i2t if direction == "i2t" else t2i).cpu().numpy()
+    worst = np.argsort(-ranks, kind="stable")[:max(1, int(n))]
+    fig = plot_retrieval_gallery(S, dataset, worst.tolist(), k=k, direction=direction)
+    fig.suptitle(f"worst {len(worst)} {'image' if direction == 'i2t' else 'caption'} queries "
+                 f"(ranks {', '.join(str(int(ranks[q]) + 1) for q in worst)})", fontsize=10)
+    fig.tight_layout()
+    return fig
