@@ -72,11 +72,11 @@ class RetrievalModel(nn.Module):
 
         Returns:
             ``(loss, outputs)``; ``outputs`` holds ``sim (B, B)``, ``img (B, E)``, ``txt (B, E)``
-            and the attention weights, for diagnostics and figures.
+            and the full ``image`` / ``text`` outputs (attention weights), for figures.
         """
         img, txt = self.encoder(batch)
         sim = img.embedding @ txt.embedding.t()
-        outputs = {"sim": sim, "img": img.embedding, "txt": txt.embedding}
+        outputs = {"sim": sim, "img": img.embedding, "txt": txt.embedding, "image": img, "text": txt}
         loss_cfg = self.cfg.loss
         if loss_cfg.objective == "uto":
             if self.uses_queues:
