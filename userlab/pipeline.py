@@ -48,23 +48,36 @@ def make_tokenizer(cfg: ExperimentConfig, folder: Path) -> tuple[Any, Optional[V
     return WordTokenizer(vocab, max_len=cfg.data.max_caption_len, augment_prob=cfg.data.augment_prob), vocab
 
 
+#: Feature files up to this size are scanned whole for NaN/Inf before training; larger ones are
+#: sampled when opened and checked row by row as they are read (a full scan of COCO's 33 GB
+#: would cost minutes on every start).
+FULL_CHECK_MAX_BYTES = 512 * 2**20
+
+
 def prepare_data(cfg: ExperimentConfig, splits: tuple[str, ...] = ("train", "val")) -> DataBundle:
     """Open (and validate) the train / dev splits of ``cfg.data`` and fill ``cfg.model.vocab_size``.
 
-    Checks the features against the model config here, before any training starts.
+    Checks the features against the model config here, before any training starts. The splits
+    are opened before the tokenizer is made, so a broken split fails before a missing
+    ``vocab.json`` is built and written into the data folder.
     """
     folder = find_precomp_dir(cfg.data.root, cfg.data.name)
+    train = val = None
+    if "train" in splits:
+        train = PrecompDataset(folder, cfg.data.train_split, train=cfg.data.caption_augment)
+        check_features_match(cfg, train)
+    if "val" in splits:
+        val = PrecompDataset(folder, cfg.data.val_split, train=False, max_images=cfg.data.dev_max_images)
+        check_features_match(cfg, val)
+    for ds in (train, val):
+        if ds is not None and ds.ims_path.stat().st_size <= FULL_CHECK_MAX_BYTES:
+            ds.validate_rows()
     tokenizer, vocab = make_tokenizer(cfg, folder)
     if vocab is not None:
         cfg.model.vocab_size = len(vocab)
-    train = val = None
-    if "train" in splits:
-        train = PrecompDataset(folder, cfg.data.train_split, tokenizer=tokenizer, train=cfg.data.caption_augment)
-        check_features_match(cfg, train)
-    if "val" in splits:
-        val = PrecompDataset(folder, cfg.data.val_split, tokenizer=tokenizer, train=False,
-                             max_images=cfg.data.dev_max_images)
-        check_features_match(cfg, val)
+    for ds in (train, val):
+        if ds is not None:
+            ds.tokenizer = tokenizer
     return DataBundle(folder=folder, tokenizer=tokenizer, vocab=vocab, train=train, val=val)
 
 

@@ -217,6 +217,10 @@ class Trainer:
         try:
             folder = ckpt.find_checkpoint(self.run_dir, tag="last")
         except ckpt.CheckpointError:
+            # No pointer: a fresh run. A pointer naming a broken folder is an error, not a
+            # reason to silently start again over the user's run (crashes never leave one).
+            if (self.run_dir / "checkpoints" / "last.txt").is_file():
+                raise
             return False
         self.model.load_inference_state(ckpt.load_model_state(folder), folder / ckpt.MODEL_FILE)
         state = ckpt.load_train_state(folder, map_location=self.device)

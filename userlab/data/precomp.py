@@ -9,9 +9,15 @@ The feature file is memory-mapped, never read whole: COCO's ``train_ims.npy`` is
 split checks headers, counts and shapes, and scans a bounded sample of rows for NaN/Inf; each row
 is checked again when it is fetched, and :meth:`PrecompDataset.validate_rows` scans every row in
 chunks on request.
+
+Pages of a memory-mapped file that a process has read count in its resident set (``RssFile``)
+for as long as they stay mapped, so reading a whole 33 GB file once would show as 33 GB of RSS.
+The dataset therefore hands the mapped pages back to the kernel (``madvise(MADV_DONTNEED)``; the
+data stay in the page cache) after every :attr:`PrecompDataset.release_every_bytes` bytes read.
 """
 from __future__ import annotations
 
+import mmap
 import os
 import random
 from pathlib import Path
@@ -134,6 +140,21 @@ def _check_finite_row(arr: np.ndarray, row: int, path: Path, what: str) -> None:
         raise DataError(path, f"{what} row {row} holds NaN or Inf values")
 
 
+def _release_pages(arr: np.ndarray | None) -> None:
+    """Unmap the resident pages of a read-only ``np.memmap`` (Linux ``MADV_DONTNEED``).
+
+    The mapping stays valid: the next access faults the pages back in from the page cache. A
+    no-op for arrays that are not memory-mapped and on systems without ``madvise``.
+    """
+    handle = getattr(arr, "_mmap", None)
+    if handle is None or not hasattr(mmap, "MADV_DONTNEED"):
+        return
+    try:
+        handle.madvise(mmap.MADV_DONTNEED)
+    except (OSError, ValueError):  # closed mapping or a kernel refusing the advice: harmless
+        pass
+
+
 def _sample_rows(n: int) -> list[int]:
     """A bounded, repeatable sample: the first and last few rows plus a few random ones."""
     edge = list(range(min(n, _SAMPLE_EDGE_ROWS))) + list(range(max(0, n - _SAMPLE_EDGE_ROWS), n))
@@ -172,7 +193,11 @@ class PrecompDataset(Dataset):
         has_guide, guide_dim: whether ``_guide.npy`` is present and its width ``G``.
         boxes: ``(num_images, R, 4)`` memory-mapped boxes, or None.
         image_paths: absolute image paths (list of Path, one per image), or None.
+        release_every_bytes: after this many feature bytes read, the mapped pages are released
+            so the resident set stays bounded (class default 256 MiB; 0 disables).
     """
+
+    release_every_bytes: int = 256 * 2**20
 
     def __init__(self, folder: str | os.PathLike, split: str,
                  tokenizer: Callable[[str, bool], torch.Tensor] | None = None,
@@ -184,6 +209,7 @@ class PrecompDataset(Dataset):
         self.train = train
         self.validate = validate
         self._epoch_seed: int | None = None
+        self._bytes_since_release = 0
         if not self.folder.is_dir():
             raise DataError(self.folder, "precomp folder not found")
         if max_images is not None and max_images < 1:
@@ -339,6 +365,7 @@ class PrecompDataset(Dataset):
             for start in range(0, n, chunk_rows):
                 block = np.asarray(arr[start: min(n, start + chunk_rows)])
                 finite = np.isfinite(block.reshape(len(block), -1)).all(axis=1)
+                _release_pages(arr)  # keep RSS at one chunk, not the whole file
                 if not finite.all():
                     raise DataError(path, f"{what} row {start + int(np.argmin(finite))} holds "
                                           f"NaN or Inf values")
@@ -360,6 +387,7 @@ class PrecompDataset(Dataset):
         i = _check_index(i, self.num_images, "image")
         row = self.row_of_image(i)
         regions = np.array(self.ims[row], dtype=np.float32)  # copy: the mmap is read-only
+        self._count_read(regions.nbytes)
         if self.validate and not np.isfinite(regions).all():
             raise DataError(self.ims_path, f"region features row {row} (image {i}) holds NaN or "
                                            f"Inf values")
@@ -371,6 +399,14 @@ class PrecompDataset(Dataset):
                 raise DataError(self.guide_path, f"guide embeddings row {i} holds NaN or Inf values")
             item["guide"] = torch.from_numpy(guide)
         return item
+
+    def _count_read(self, nbytes: int) -> None:
+        """Release the mapped feature pages once ``release_every_bytes`` have been read."""
+        self._bytes_since_release = getattr(self, "_bytes_since_release", 0) + nbytes
+        if self.release_every_bytes and self._bytes_since_release >= self.release_every_bytes:
+            _release_pages(self._ims)
+            _release_pages(self._guide)
+            self._bytes_since_release = 0
 
     def caption_item(self, c: int) -> dict[str, Any]:
         """Caption ``c``: ``caption`` text, ``tokens`` (when a tokenizer is set; augmented when
