@@ -117,6 +117,10 @@ def _prune(root: Path, tag: str, keep: int, current: str) -> None:
     folders = sorted(p for p in root.glob(f"{tag}-*") if p.is_dir() and p.name != current)
     for old in folders[: max(0, len(folders) - (keep - 1))]:
         shutil.rmtree(old, ignore_errors=True)
+    # half-written ``.{tag}-XXXX`` folders of a process killed while saving (never pointed at)
+    for stale in root.glob(f".{tag}-*"):
+        if stale.is_dir():
+            shutil.rmtree(stale, ignore_errors=True)
 
 
 def find_checkpoint(path: str | os.PathLike, tag: str = "best") -> Path:

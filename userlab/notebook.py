@@ -116,3 +116,38 @@ class LiveCurves:
         except ImportError:  # pragma: no cover - outside IPython
             pass
         return fig
+
+
+class MarginRecorder:
+    """Trainer callback: after each dev evaluation, the margin (positive minus hardest negative
+    similarity) of every dev query, as rows for :func:`userlab.viz.plot_margin_distributions`.
+
+    Args:
+        name: label of the run in the records (``model`` column).
+        max_images: dev images to use (the first ones).
+    """
+
+    def __init__(self, name: str, max_images: int = 200):
+        self.name, self.max_images = name, max_images
+        self.frames: list = []
+
+    def on_step(self, trainer, row) -> None:
+        pass
+
+    def on_epoch_end(self, trainer) -> None:
+        pass
+
+    def on_eval(self, trainer, row) -> None:
+        from .data.precomp import PrecompDataset
+        from .evaluate import encode_split, similarity
+        from .viz import margin_records
+        val = trainer.data.val
+        ds = PrecompDataset(val.folder, val.split, tokenizer=val.tokenizer,
+                            max_images=min(self.max_images, val.num_images))
+        img, cap = encode_split(trainer.model, ds, device=trainer.device, progress=False)
+        self.frames.append(margin_records(similarity(img, cap).cpu(), epoch=row["epoch"], name=self.name))
+
+    @property
+    def records(self):
+        import pandas as pd
+        return pd.concat(self.frames, ignore_index=True) if self.frames else pd.DataFrame()

@@ -120,7 +120,9 @@ class CSVLog:
             return
         df = pd.read_csv(self.path)
         df = df[df[self.key] <= value]
-        df.to_csv(self.path, index=False)
+        # atomically: a kill during this rewrite must not lose rows that will not be logged again
+        from .io import atomic_write_text
+        atomic_write_text(self.path, df.to_csv(index=False))
         self.fields = list(df.columns)
 
     def write(self, row: dict[str, Any]) -> None:
@@ -224,12 +226,18 @@ class Trainer:
             return False
         self.model.load_inference_state(ckpt.load_model_state(folder), folder / ckpt.MODEL_FILE)
         state = ckpt.load_train_state(folder, map_location=self.device)
-        self.model.load_momentum_state(state["momentum"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scaler.load_state_dict(state["scaler"])
-        self.step, self.epoch = int(state["step"]), int(state["epoch"])
-        self.step_in_epoch, self.best_rsum = int(state["step_in_epoch"]), float(state["best_rsum"])
-        ckpt.set_rng_state(state["rng"])
+        try:
+            self.model.load_momentum_state(state["momentum"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scaler.load_state_dict(state["scaler"])
+            self.step, self.epoch = int(state["step"]), int(state["epoch"])
+            self.step_in_epoch, self.best_rsum = int(state["step_in_epoch"]), float(state["best_rsum"])
+            ckpt.set_rng_state(state["rng"])
+        except (RuntimeError, ValueError, KeyError, TypeError) as exc:
+            # e.g. momentum.queue_size changed since the checkpoint: torch's message is many lines
+            raise ckpt.CheckpointError(folder / ckpt.STATE_FILE, "does not match this run's config "
+                                       f"(changed queue size or optimiser?): {' '.join(str(exc).split())[:300]}"
+                                       ) from None
         if self.rank == 0:
             self.step_log.truncate_after(self.step)
             self.eval_log.truncate_after(self.step)

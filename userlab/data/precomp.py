@@ -228,6 +228,8 @@ class PrecompDataset(Dataset):
 
         ims = _open_npy(self.ims_path, "region features", ndim=3)
         captions = _read_lines(self.caps_path, "captions file")
+        if not captions:
+            raise DataError(self.caps_path, "captions file is empty")
         total_captions = len(captions)
         if total_captions % CAPTIONS_PER_IMAGE:
             raise DataError(self.caps_path, f"holds {total_captions} captions, not 5 per image "
@@ -584,6 +586,9 @@ def write_precomp_split(folder: str | os.PathLike, split: str, ims: np.ndarray,
     if boxes is not None:
         atomic_save_npy(folder / f"{split}_boxes.npy", boxes.astype(np.float32, copy=False))
     atomic_save_npy(ims_path, ims)
+    # temporary files of an earlier writer of this split that was killed (atomic_path names)
+    for stale in folder.glob(f".{split}_*.tmp"):
+        stale.unlink(missing_ok=True)
     return folder
 
 

@@ -770,7 +770,7 @@ def build_demo_data(out_dir: str | os.PathLike = "data/demo", config: SceneConfi
     import torch
     from tqdm.auto import tqdm
 
-    from .features import RegionBackbone
+    from .features import RegionBackbone, steady_allocations
     from .precomp import write_precomp_split
 
     config = (config or SceneConfig()).validate()
@@ -785,30 +785,31 @@ def build_demo_data(out_dir: str | os.PathLike = "data/demo", config: SceneConfi
     backbone = RegionBackbone(device, input_size=config.backbone_size)
     total = sum(config.split_sizes().values())
     bar = tqdm(total=total, desc="demo scenes", unit="img", disable=not progress)
-    for split in SPLITS:
-        scenes = generate_scenes(config, split)
-        n, r = len(scenes), config.num_regions
-        ims = np.empty((n, r, backbone.feature_dim), dtype=np.float32)
-        guide = np.empty((n, backbone.feature_dim), dtype=np.float32)
-        boxes = np.stack([scene_boxes(s, r) for s in scenes])
-        for start in range(0, n, config.batch_size):
-            stop = min(n, start + config.batch_size)
-            images = [render_scene(s) for s in scenes[start:stop]]
-            for i, img in zip(range(start, stop), images):
-                atomic_write_bytes(folder / _image_name(split, i), _png_bytes(img))
-            with torch.inference_mode():
-                regions, pooled, _ = backbone.encode(images, torch.from_numpy(boxes[start:stop]))
-                pooled = torch.nn.functional.normalize(pooled, dim=-1)
-            ims[start:stop] = regions.cpu().numpy()
-            guide[start:stop] = pooled.cpu().numpy()
-            bar.update(stop - start)
-        captions = [c for s in scenes for c in s.captions]
-        names = [_image_name(split, i) for i in range(n)]
-        write_precomp_split(folder, split, ims, captions, ids=list(range(n)), guide=guide,
-                            boxes=boxes, image_names=names)
-        record = {"split": split, "image_size": config.image_size, "num_regions": r,
-                  "scenes": [dict(s.to_json(), image=name) for s, name in zip(scenes, names)]}
-        atomic_write_text(folder / f"scenes_{split}.json", json.dumps(record, indent=1))
+    with steady_allocations():
+        for split in SPLITS:
+            scenes = generate_scenes(config, split)
+            n, r = len(scenes), config.num_regions
+            ims = np.empty((n, r, backbone.feature_dim), dtype=np.float32)
+            guide = np.empty((n, backbone.feature_dim), dtype=np.float32)
+            boxes = np.stack([scene_boxes(s, r) for s in scenes])
+            for start in range(0, n, config.batch_size):
+                stop = min(n, start + config.batch_size)
+                images = [render_scene(s) for s in scenes[start:stop]]
+                for i, img in zip(range(start, stop), images):
+                    atomic_write_bytes(folder / _image_name(split, i), _png_bytes(img))
+                with torch.inference_mode():
+                    regions, pooled, _ = backbone.encode(images, torch.from_numpy(boxes[start:stop]))
+                    pooled = torch.nn.functional.normalize(pooled, dim=-1)
+                ims[start:stop] = regions.cpu().numpy()
+                guide[start:stop] = pooled.cpu().numpy()
+                bar.update(stop - start)
+            captions = [c for s in scenes for c in s.captions]
+            names = [_image_name(split, i) for i in range(n)]
+            write_precomp_split(folder, split, ims, captions, ids=list(range(n)), guide=guide,
+                                boxes=boxes, image_names=names)
+            record = {"split": split, "image_size": config.image_size, "num_regions": r,
+                      "scenes": [dict(s.to_json(), image=name) for s, name in zip(scenes, names)]}
+            atomic_write_text(folder / f"scenes_{split}.json", json.dumps(record, indent=1))
     bar.close()
     manifest = {
         "version": DEMO_DATA_VERSION, "config": dataclasses.asdict(config),

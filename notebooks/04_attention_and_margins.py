@@ -1,0 +1,163 @@
+# %% [markdown]
+# # 04 · Attention and margins: what USER looks at, and how its margins evolve
+#
+# **Learning goals**
+# - see where Self-Guided Enhancement (SGE) and CLIP-Guided Enhancement (CGE) put their attention;
+# - read GPO's pooling weights;
+# - follow the retrieval margin (positive minus hardest negative) of every query over training;
+# - look inside the two queues, and at the joint embedding space;
+# - browse retrieval results interactively.
+#
+# **Equations in this notebook** ($R \in \mathbb{R}^{K\times D}$ regions of one image)
+#
+# | idea | formula | userlab |
+# |---|---|---|
+# | SGE global weights | $\alpha = \mathrm{softmax}_k\big(w^\top(L_k \odot G)\big)$ | `models.image.SelfGuidedEnhancement` |
+# | global vector | $g = \mathrm{l2norm}(\sum_k \alpha_k R_k)$ (CGE: $g$ = projected guide embedding) | `SelfGuidedEnhancement`, `ClipGuidedEnhancement` |
+# | region attention | $\beta = \mathrm{l2norm}_k\big(\mathrm{softmax}_k(\lambda\langle g, R_k\rangle)\big)$ | `models.image.region_attention` |
+# | enhancement | $\hat R_k = R_k + \beta_k\, g$ | `models.image.region_attention` |
+# | margin of a query | $m = S_{\text{pos}} - \max_{\text{neg}} S_{\text{neg}}$ (hinge active when $m < 0.2$) | `viz.margin_records` |
+
+# %%
+import numpy as np
+import torch
+
+from userlab import viz, widgets
+from userlab.notebook import SMOKE, MarginRecorder, demo_config, demo_data, figures_dir
+from userlab.experiment import fit_experiment
+from userlab.runs import encode_run, load_run
+from userlab.evaluate import move_batch, similarity
+from userlab.data.precomp import ImageView, collate_batch
+
+demo_data()
+epochs = 2 if SMOKE else 4
+variants = {"SGE": "sge", "CGE": "cge", "none": "none"}
+trainers, recorders = {}, {}
+for name, enhancement in variants.items():
+    cfg = demo_config("demo", run=f"04_{enhancement}", **{"model.enhancement": enhancement,
+                                                          "optim.epochs": epochs, "optim.lr_step": 0})
+    recorders[name] = MarginRecorder(name)
+    trainers[name] = fit_experiment(cfg, callbacks=[recorders[name]])
+    print(name, "best dev rSum:", round(trainers[name].best_rsum, 1))
+
+# %% [markdown]
+# ## 1. Attention over the image
+# Boxes are drawn with opacity and width proportional to their weight. SGE's $\alpha$ builds the
+# global vector; $\beta$ decides how much of it each region receives.
+
+# %%
+runs = {name: load_run(trainers[name].cfg.run_dir) for name in variants}
+test = encode_run(runs["SGE"], split="test", progress=False)[2]
+n_show = min(16, test.num_images)
+batch = collate_batch([ImageView(test)[i] for i in range(n_show)])
+outputs = {}
+with torch.no_grad():
+    for name, run in runs.items():
+        device = next(run.model.parameters()).device
+        outputs[name] = run.model.encode_image(move_batch(batch, device))
+
+from PIL import Image
+image0 = np.asarray(Image.open(test.image_paths[0]).convert("RGB"))
+sge = viz.attention_weights(outputs["SGE"], 0)
+fig = viz.plot_region_attention(image0, test.boxes[0], sge["alpha"], title="SGE α (global-vector weights)")
+viz.save(fig, "04_sge_alpha", figures_dir())
+fig = viz.plot_region_attention(image0, test.boxes[0], sge["beta"], title="SGE β (region attention)")
+viz.save(fig, "04_sge_beta", figures_dir())
+
+# %% [markdown]
+# ## 2. CGE vs SGE on the same image
+# CGE's global vector comes from the guide embedding (the pooled backbone here, CLIP for real data)
+# instead of from the regions themselves.
+
+# %%
+cge = viz.attention_weights(outputs["CGE"], 0)
+fig = viz.plot_attention_comparison(image0, test.boxes[0],
+                                    {"SGE β": sge["beta"], "CGE β": cge["beta"], "none": None})
+viz.save(fig, "04_cge_vs_sge", figures_dir())
+
+# %% [markdown]
+# ## 3. GPO weights
+# GPO sorts every feature dimension over the regions and learns how much each *rank* counts.
+
+# %%
+fig = viz.plot_gpo_weights({name: viz.attention_weights(out, 0)["gpo"] for name, out in outputs.items()},
+                           title="GPO weights over sorted positions")
+viz.save(fig, "04_gpo_weights", figures_dir())
+
+# %% [markdown]
+# ## 4. Margins over training
+# Each dot is one dev query; a margin below 0 is a retrieval miss at rank 1, below 0.2 an active
+# VSE++ hinge.
+
+# %%
+import pandas as pd
+records = pd.concat([r.records for r in recorders.values()], ignore_index=True)
+fig = viz.plot_margin_distributions(records, hue="model")
+viz.save(fig, "04_margin_distributions", figures_dir())
+viz.violation_table(records)
+
+# %% [markdown]
+# ## 5. Inside the queues
+# Key age, queue negatives vs batch negatives, and how many keys of the query's own image sit in
+# the queue (the false negatives that `momentum.mask_same_image` removes).
+
+# %%
+model = trainers["SGE"].model
+cap_batch = collate_batch([trainers["SGE"].data.train[i] for i in range(32)])
+with torch.no_grad():
+    model.eval()
+    q = model.encode_image(move_batch(cap_batch, trainers["SGE"].device)).embedding
+fig = viz.plot_queue_state(model.text_queue, query_emb=q, query_ids=cap_batch["image_id"])
+viz.save(fig, "04_queue_state", figures_dir())
+
+# %% [markdown]
+# ## 6. The joint embedding space
+# Images (large dots) and their captions (small dots), projected to 2-D; lines join an image to
+# its 5 captions.
+
+# %%
+img, cap, test = encode_run(runs["SGE"], split="test", progress=False)
+fig = viz.plot_embedding_map(img, cap, method="pca")
+viz.save(fig, "04_embedding_map", figures_dir())
+
+# %% [markdown]
+# ## 7. Interactive browsers
+# Move the sliders: the retrieval browser shows the top-k for an image or a caption (type one in
+# the text box; unknown words are flagged), the attention explorer switches checkpoints, the
+# margin explorer steps through epochs.
+
+# %%
+sims = similarity(img, cap).cpu()
+browser = widgets.RetrievalBrowser(sims, test, vocab=runs["SGE"].vocab,
+                                   encode_caption=widgets.make_caption_encoder(runs["SGE"].model, runs["SGE"].tokenizer),
+                                   image_embeddings=img)
+browser.widget
+
+# %%
+attention = {name: (None if out.beta is None else out.beta.cpu().numpy()) for name, out in outputs.items()}
+explorer = widgets.AttentionExplorer(test.image_paths[:n_show], np.asarray(test.boxes[:n_show]), attention)
+explorer.widget
+
+# %%
+margins = widgets.MarginExplorer(records)
+margins.widget
+
+# %% [markdown]
+# ## Exercises
+# 1. What do the region-attention weights $\beta$ of one image sum to? (Hint: they are
+#    L2-normalised, not a probability distribution.) Give the sum for `beta_ex`.
+# 2. Compute $\beta$ for the global vector `g` and regions `R` below ($\lambda = 1$).
+
+# %%
+from userlab import teach
+
+beta_ex = outputs["SGE"].beta[0].cpu()
+answer_1 = None   # your computation
+teach.check_attention_sums(beta_ex, answer_1)
+
+# %%
+torch.manual_seed(0)
+R = torch.randn(5, 8)
+g = torch.nn.functional.normalize(torch.randn(8), dim=0)
+answer_2 = None   # your computation: a tensor of 5 weights
+teach.check_beta(g, R, answer_2)
