@@ -122,14 +122,19 @@ class MarginRecorder:
     """Trainer callback: after each dev evaluation, the margin (positive minus hardest negative
     similarity) of every dev query, as rows for :func:`userlab.viz.plot_margin_distributions`.
 
+    For a boosted model every branch is recorded (``anchor`` / ``target`` for two branches), and
+    :attr:`violations` holds, per epoch, how often the target violates the boosting margin
+    against the anchor on a dev batch (:func:`userlab.boosting.violation_rate`).
+
     Args:
         name: label of the run in the records (``model`` column).
         max_images: dev images to use (the first ones).
     """
 
-    def __init__(self, name: str, max_images: int = 200):
-        self.name, self.max_images = name, max_images
+    def __init__(self, name: str, max_images: int = 200, batch: int = 64):
+        self.name, self.max_images, self.batch = name, max_images, batch
         self.frames: list = []
+        self.violation_rows: list[dict] = []
 
     def on_step(self, trainer, row) -> None:
         pass
@@ -137,17 +142,43 @@ class MarginRecorder:
     def on_epoch_end(self, trainer) -> None:
         pass
 
+    def _branches(self, model):
+        branches = list(getattr(model, "branches", [model]))
+        if len(branches) == 1:
+            return {self.name: branches[0]}
+        if len(branches) == 2:
+            return {"anchor": branches[0], "target": branches[1]}
+        return {f"branch {i}": b for i, b in enumerate(branches)}
+
     def on_eval(self, trainer, row) -> None:
+        from .boosting import violation_rate
         from .data.precomp import PrecompDataset
         from .evaluate import encode_split, similarity
         from .viz import margin_records
         val = trainer.data.val
         ds = PrecompDataset(val.folder, val.split, tokenizer=val.tokenizer,
                             max_images=min(self.max_images, val.num_images))
-        img, cap = encode_split(trainer.model, ds, device=trainer.device, progress=False)
-        self.frames.append(margin_records(similarity(img, cap).cpu(), epoch=row["epoch"], name=self.name))
+        batch_sims = {}
+        for name, branch in self._branches(trainer.model).items():
+            img, cap = encode_split(branch, ds, device=trainer.device, progress=False)
+            sims = similarity(img, cap).cpu()
+            self.frames.append(margin_records(sims, epoch=row["epoch"], name=name))
+            n = min(self.batch, sims.shape[0])
+            batch_sims[name] = sims[:n, 0:5 * n:5]   # first caption of each image: a (n, n) batch
+        names = list(batch_sims)
+        if len(names) >= 2:
+            strategy = trainer.cfg.boost.strategy
+            strategy = strategy if strategy in ("relative", "absolute") else "relative"
+            rate = violation_rate(batch_sims[names[-1]], batch_sims[names[0]],
+                                  margin=trainer.cfg.boost.margin, strategy=strategy)
+            self.violation_rows.append({"epoch": row["epoch"], "model": self.name, "violation_rate": rate})
 
     @property
     def records(self):
         import pandas as pd
         return pd.concat(self.frames, ignore_index=True) if self.frames else pd.DataFrame()
+
+    @property
+    def violations(self):
+        import pandas as pd
+        return pd.DataFrame(self.violation_rows)
