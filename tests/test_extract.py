@@ -1,7 +1,7 @@
 """Whole-dataset extraction: features equal the backbone's, splits, bad images, resume, training.
 
 A tiny Flickr-style dataset (8 generated images in RGB, greyscale, CMYK, RGBA and palette modes,
-token file and split lists written here) is extracted once at a 96-px backbone input (3x3 grid)
+token file and split lists written here) is extracted once at a 64-px backbone input (2x2 grid)
 with ``chunk_size=2``; the other tests compare against that reference run.
 """
 from __future__ import annotations
@@ -29,7 +29,7 @@ from userlab.data.features import RegionBackbone, grid_boxes, load_image
 from userlab.data.precomp import PrecompDataset
 from userlab.errors import DataError
 
-SIDE = 96
+SIDE = 64
 GRID = (SIDE // 32) ** 2
 REPO = Path(__file__).resolve().parents[1]
 # name, PIL mode, size; the first 5 are train, then 2 dev, 1 test
@@ -129,8 +129,9 @@ def test_extracted_split_equals_backbone_per_image(data, backbone):
 
 def test_worker_processes_give_the_same_bytes(data):
     base, dataset, ref = data
-    out = extract_dataset(**_args(dataset, base / "workers", num_workers=2))
-    assert _files(out) == _files(ref)
+    out = extract_dataset(**_args(dataset, base / "workers", num_workers=2, splits=["train"]))
+    written = _files(out)
+    assert written and written == {k: v for k, v in _files(ref).items() if "train" in k}
 
 
 def test_rerun_is_a_no_op_and_foreign_chunks_are_discarded(data, monkeypatch):
@@ -153,8 +154,8 @@ def test_rerun_is_a_no_op_and_foreign_chunks_are_discarded(data, monkeypatch):
              guide=np.zeros((2, 1280), np.float32), boxes=np.zeros((2, GRID, 4), np.float32),
              ok=np.ones(2, bool), bad=np.array([], str), errors=np.array([], str))
     with pytest.warns(UserWarning, match="discarded"):
-        extract_dataset(**_args(dataset, fresh))
-    assert _files(fresh / "precomp") == _files(ref)
+        extract_dataset(**_args(dataset, fresh, splits=["dev"]))
+    assert _files(fresh / "precomp") == {k: v for k, v in _files(ref).items() if "dev" in k}
 
 
 _KILL_SCRIPT = textwrap.dedent("""
@@ -243,7 +244,7 @@ def test_corrupt_images_reported_then_skipped_without_recomputing(data, tmp_path
     jpeg = (root / "1003_c.jpg").read_bytes()
     (root / "1003_c.jpg").write_bytes(jpeg[: len(jpeg) // 2])      # truncated JPEG
     (root / "1006_f.jpg").write_bytes(b"this is not an image at all")
-    args = _args(dataset, tmp_path / "out", image_root=str(root))
+    args = _args(dataset, tmp_path / "out", image_root=str(root), splits=["train", "dev"])
     with pytest.raises(DataError, match="1 image.*'train' could not be read: 1003_c.jpg") as err:
         extract_dataset(**args)
     assert "skip_missing" in str(err.value)
@@ -263,7 +264,7 @@ def test_corrupt_images_reported_then_skipped_without_recomputing(data, tmp_path
             out = extract_dataset(**args, skip_missing=True)
     finally:
         extract_module._FeatureRunner.__call__ = original
-    assert sum(calls) == 1 + 1       # train chunks reused; dev has 1 readable image; test 1
+    assert sum(calls) == 1           # train chunks reused; dev has 1 readable image
     train = PrecompDataset(out, "train")
     assert train.num_images == 4 and "1003_c.jpg" not in str(train.image_paths)
     ref_ims = np.load(ref / "train_ims.npy")

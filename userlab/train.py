@@ -186,7 +186,7 @@ class Trainer:
         self.best_rsum = -math.inf
         self.history: list[dict[str, float]] = []
         self.step_log = CSVLog(self.run_dir / "train_log.csv", key="step")
-        self.eval_log = CSVLog(self.run_dir / "eval_log.csv", key="step")
+        self.eval_log = CSVLog(self.run_dir / "eval_log.csv", key="epoch")
         self.writer = None
         if tensorboard and self.rank == 0:
             from torch.utils.tensorboard import SummaryWriter
@@ -239,8 +239,10 @@ class Trainer:
                                        f"(changed queue size or optimiser?): {' '.join(str(exc).split())[:300]}"
                                        ) from None
         if self.rank == 0:
-            self.step_log.truncate_after(self.step)
-            self.eval_log.truncate_after(self.step)
+            # A step row carries the step count *before* its step, an eval row the epochs done;
+            # rows the resumed run will write again must go, or a kill leaves duplicates.
+            self.step_log.truncate_after(self.step - 1)
+            self.eval_log.truncate_after(self.epoch)
             if self.eval_log.path.is_file():
                 self.history = pd.read_csv(self.eval_log.path).to_dict("records")
         return True

@@ -208,7 +208,11 @@ class _ChunkBuffer:
 
     def arrays(self) -> dict[str, np.ndarray]:
         keep = self.ok
-        return {"ims": self.ims[keep], "guide": self.guide[keep], "boxes": self.boxes[keep],
+        if keep.all():   # the usual case: no copy of a ~250 MB buffer
+            ims, guide, boxes = self.ims, self.guide, self.boxes
+        else:
+            ims, guide, boxes = self.ims[keep], self.guide[keep], self.boxes[keep]
+        return {"ims": ims, "guide": guide, "boxes": boxes,
                 "ok": self.ok, "bad": np.array(self.bad, dtype=str),
                 "errors": np.array(self.errors, dtype=str), "start": np.int64(self.lo)}
 

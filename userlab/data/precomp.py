@@ -11,9 +11,12 @@ is checked again when it is fetched, and :meth:`PrecompDataset.validate_rows` sc
 chunks on request.
 
 Pages of a memory-mapped file that a process has read count in its resident set (``RssFile``)
-for as long as they stay mapped, so reading a whole 33 GB file once would show as 33 GB of RSS.
-The dataset therefore hands the mapped pages back to the kernel (``madvise(MADV_DONTNEED)``; the
-data stay in the page cache) after every :attr:`PrecompDataset.release_every_bytes` bytes read.
+for as long as they stay mapped, so reading a whole 33 GB file once through the mapping would
+show as 33 GB of RSS (and the kernel maps whole large folios around each row, about 3x the bytes
+read). Training therefore reads each row with ``os.pread`` into a fresh array: the data pass
+through the page cache but are never mapped into the process. Paths that do read through the
+mapping (full validation, Fortran-ordered files) hand the mapped pages back to the kernel
+(``madvise(MADV_DONTNEED)``) every chunk or every :attr:`PrecompDataset.release_every_bytes`.
 """
 from __future__ import annotations
 
@@ -210,6 +213,7 @@ class PrecompDataset(Dataset):
         self.validate = validate
         self._epoch_seed: int | None = None
         self._bytes_since_release = 0
+        self._fh = None  # file handle for os.pread of feature rows, opened on first read
         if not self.folder.is_dir():
             raise DataError(self.folder, "precomp folder not found")
         if max_images is not None and max_images < 1:
@@ -335,6 +339,7 @@ class PrecompDataset(Dataset):
         state = self.__dict__.copy()
         state["_ims"] = None
         state["_guide"] = None
+        state["_fh"] = None
         if self.boxes is not None:
             state["boxes"] = None
             state["_reopen_boxes"] = True
@@ -388,8 +393,7 @@ class PrecompDataset(Dataset):
         ``image_index`` and ``image_id``."""
         i = _check_index(i, self.num_images, "image")
         row = self.row_of_image(i)
-        regions = np.array(self.ims[row], dtype=np.float32)  # copy: the mmap is read-only
-        self._count_read(regions.nbytes)
+        regions = self._read_row(row)
         if self.validate and not np.isfinite(regions).all():
             raise DataError(self.ims_path, f"region features row {row} (image {i}) holds NaN or "
                                            f"Inf values")
@@ -401,6 +405,34 @@ class PrecompDataset(Dataset):
                 raise DataError(self.guide_path, f"guide embeddings row {i} holds NaN or Inf values")
             item["guide"] = torch.from_numpy(guide)
         return item
+
+    def _read_row(self, row: int) -> np.ndarray:
+        """Feature row ``row`` as a new float32 ``(R, F)`` array.
+
+        C-ordered files are read with ``os.pread`` (no pages mapped into this process, so the
+        resident set does not grow with the rows read); others through the mapping, with the
+        mapped pages released every ``release_every_bytes``.
+        """
+        arr = self.ims
+        offset = getattr(arr, "offset", None)
+        if offset is None or not arr.flags.c_contiguous:
+            regions = np.array(arr[row], dtype=np.float32)
+            self._count_read(regions.nbytes)
+            return regions
+        if getattr(self, "_fh", None) is None:
+            self._fh = open(self.ims_path, "rb")
+        nbytes = self.num_regions * self.feature_dim * arr.dtype.itemsize
+        data = os.pread(self._fh.fileno(), nbytes, offset + row * nbytes)
+        if len(data) != nbytes:
+            raise DataError(self.ims_path, f"region features row {row} is cut short (the file "
+                                           f"shrank after it was opened?)")
+        return np.frombuffer(data, dtype=arr.dtype).reshape(self.num_regions, self.feature_dim
+                                                            ).astype(np.float32)  # a copy
+
+    def __del__(self) -> None:
+        fh = getattr(self, "_fh", None)
+        if fh is not None:
+            fh.close()
 
     def _count_read(self, nbytes: int) -> None:
         """Release the mapped feature pages once ``release_every_bytes`` have been read."""
