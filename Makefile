@@ -22,6 +22,7 @@ demo: $(STAMP)
 	$(VPY) -m userlab demo
 
 test: $(STAMP)
+	bash scripts/setup_browser.sh
 	USERLAB_SMOKE=1 $(VPY) -m pytest --nbmake --nbmake-timeout=900 tests notebooks
 
 clean-venv:

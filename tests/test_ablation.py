@@ -158,7 +158,8 @@ def test_missing_row_retrains_only_that_cell_and_changed_settings_retrain(finish
     rows.to_csv(out / "ablation.csv", index=False)
     calls = []
     real_fit = experiment.fit_experiment
-    monkeypatch.setattr(experiment, "fit_experiment", lambda cfg, *a, **k: calls.append(cfg.run_dir) or real_fit(cfg, *a, **k))
+    monkeypatch.setattr(experiment, "fit_experiment",
+                        lambda cfg, *a, **k: calls.append(cfg.run_dir) or real_fit(cfg, *a, **k))
     moved = AblationGrid(**{**{f: getattr(grid, f) for f in AblationGrid.__dataclass_fields__}, "out_dir": str(out)})
     redone = run_ablation(moved, progress=False, log=None, threads=1)
     assert calls == [str(moved.run_dir("VSE++", "none", 1))]
@@ -197,7 +198,8 @@ def test_summary_mean_and_sample_std_by_hand():
         ("VSE++", "none"), ("VSE++", "DBL relative"), ("VSE++", "DBL absolute"), ("VSE++", "mutual learning"),
         ("full USER", "none"), ("full USER", "DBL relative"), ("full USER", "mutual learning")]
     for _, r in summary.iterrows():
-        part = [row for _, row in df.iterrows() if row["backbone"] == r["backbone"] and row["strategy"] == r["strategy"]]
+        part = [row for _, row in df.iterrows()
+                if row["backbone"] == r["backbone"] and row["strategy"] == r["strategy"]]
         assert r["seeds"] == len(part)
         for metric in ("rsum", "i2t_R@1", "t2i_R@1"):
             values = [float(p[metric]) for p in part]

@@ -1,4 +1,4 @@
-"""Command line: ``userlab {demo,extract,train,eval}`` (also ``python -m userlab``).
+"""Command line: ``userlab {demo,extract,train,eval,ablate,lab}`` (also ``python -m userlab``).
 
 Every command validates its inputs before work starts and exits with status 2 and a one-line
 message naming the file or field on bad input (``--debug`` shows the traceback).
@@ -62,17 +62,42 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--smoke", action="store_true", help="tiny data and a few steps (seconds)")
 
     p = sub.add_parser("extract", help="region + guide features for your own images (SCAN layout)")
+    p.add_argument("--format", choices=["folder", "karpathy", "flickr", "coco"], default="folder",
+                   help="folder: your own '<image>\\t<caption>' file; karpathy/flickr/coco: public datasets")
     p.add_argument("--images", required=True, help="image folder")
-    p.add_argument("--captions", required=True, help="captions file: '<image>\\t<caption>' lines, 5 per image")
+    p.add_argument("--captions", required=True, nargs="+",
+                   help="caption file(s); COCO takes captions_train2014.json captions_val2014.json")
     p.add_argument("--out", required=True, help="output folder (precomputed layout)")
-    p.add_argument("--split", default="train")
+    p.add_argument("--split", default="train", help="--format folder: the split to write")
+    p.add_argument("--karpathy", help="Karpathy dataset_*.json giving the split (flickr, coco)")
+    p.add_argument("--train-list", help="flickr: official train image list")
+    p.add_argument("--dev-list", help="flickr: official dev image list")
+    p.add_argument("--test-list", help="flickr: official test image list")
     p.add_argument("--regions", choices=["grid", "boxes"], default="grid")
     p.add_argument("--boxes", help="boxes file for --regions boxes")
     p.add_argument("--guide", choices=["backbone", "open_clip", "hf_clip"], default="backbone")
     p.add_argument("--guide-model", default="ViT-B-32", help="open_clip architecture name")
     p.add_argument("--guide-path", help="local checkpoint file (open_clip) or folder (hf_clip)")
     p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--workers", type=int, default=2, help="image-loading processes")
+    p.add_argument("--chunk-size", type=int, default=1000, help="images per resumable chunk")
+    p.add_argument("--input-size", type=int, default=224)
+    p.add_argument("--skip-missing", action="store_true", help="skip images that are missing or unreadable")
+    p.add_argument("--max-images", type=int)
+    p.add_argument("--dtype", choices=["float32", "float16"], default="float32")
+    p.add_argument("--restval", choices=["train", "separate"], default="train")
+    p.add_argument("--coco-val-split", choices=["dev", "test", "train"], default="dev")
+    p.add_argument("--splits", nargs="+", help="only these splits")
+    p.add_argument("--no-progress", action="store_true")
     p.add_argument("--device", default=None)
+
+    from .ablation import add_ablate_arguments
+    p = sub.add_parser("ablate", help="grid of backbones x training strategies x seeds (DBL ablation)")
+    add_ablate_arguments(p)
+
+    from .lab import add_arguments as add_lab_arguments
+    p = sub.add_parser("lab", help="start JupyterLab on 127.0.0.1 with a token")
+    add_lab_arguments(p)
 
     p = sub.add_parser("train", help="train a model from a preset or config file")
     _add_config_args(p)
@@ -135,12 +160,39 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_extract(args: argparse.Namespace) -> int:
-    from .data.features import extract_folder
-    out = extract_folder(args.images, args.captions, args.out, split=args.split, regions=args.regions,
-                         boxes_file=args.boxes, guide=args.guide, guide_model=args.guide_model,
-                         guide_path=args.guide_path, batch_size=args.batch_size, device=args.device)
+    if args.format == "folder":
+        from .data.features import extract_folder
+        out = extract_folder(args.images, args.captions[0], args.out, split=args.split, regions=args.regions,
+                             boxes_file=args.boxes, guide=args.guide, guide_model=args.guide_model,
+                             guide_path=args.guide_path, batch_size=args.batch_size, device=args.device,
+                             progress=not args.no_progress, input_size=args.input_size)
+    else:
+        from .data.extract import extract_dataset
+        split_files = args.karpathy
+        if args.format == "flickr" and not split_files:
+            split_files = {s: f for s, f in (("train", args.train_list), ("dev", args.dev_list),
+                                             ("test", args.test_list)) if f}
+        captions = args.captions if args.format == "coco" else args.captions[0]
+        out = extract_dataset(args.format, captions, args.images, args.out, split_files=split_files,
+                              regions=args.regions, boxes_file=args.boxes, guide=args.guide,
+                              guide_model=args.guide_model, guide_path=args.guide_path,
+                              batch_size=args.batch_size, num_workers=args.workers, device=args.device,
+                              chunk_size=args.chunk_size, skip_missing=args.skip_missing,
+                              progress=not args.no_progress, max_images=args.max_images,
+                              input_size=args.input_size, dtype=args.dtype, restval=args.restval,
+                              coco_val_split=args.coco_val_split, splits=args.splits)
     print(f"wrote {out}")
     return 0
+
+
+def cmd_ablate(args: argparse.Namespace) -> int:
+    from .ablation import cmd_ablate as run
+    return run(args)
+
+
+def cmd_lab(args: argparse.Namespace) -> int:
+    from .lab import serve
+    return serve(args.root, port=args.port)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -150,7 +202,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "eval": cmd_eval, "extract": cmd_extract, "demo": cmd_demo}
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "extract": cmd_extract, "demo": cmd_demo,
+            "ablate": cmd_ablate, "lab": cmd_lab}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
