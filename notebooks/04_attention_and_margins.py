@@ -37,7 +37,7 @@ for name, enhancement in variants.items():
     cfg = demo_config("demo", run=f"04_{enhancement}", **{"model.enhancement": enhancement,
                                                           "optim.epochs": epochs, "optim.lr_step": 0})
     recorders[name] = MarginRecorder(name)
-    trainers[name] = fit_experiment(cfg, callbacks=[recorders[name]])
+    trainers[name] = fit_experiment(cfg, callbacks=[recorders[name]], resume=False)  # record margins afresh
     print(name, "best dev rSum:", round(trainers[name].best_rsum, 1))
 
 # %% [markdown]

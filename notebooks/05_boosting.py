@@ -40,7 +40,7 @@ base = {"optim.epochs": epochs, "optim.lr_step": 0}
 # %%
 cfg = demo_config("vsepp", run="05_offline", **base, **{"boost.schedule": "offline", "boost.strategy": "relative"})
 offline_rec = MarginRecorder("offline")
-offline = fit_experiment(cfg, callbacks=[offline_rec])
+offline = fit_experiment(cfg, callbacks=[offline_rec], resume=False)
 records = offline_rec.records
 last = records[records.epoch == records.epoch.max()]
 fig = viz.plot_margin_distributions(last, hue="model")
@@ -54,7 +54,7 @@ last.groupby("model")["margin"].describe()[["mean", "50%", "min"]]
 # %%
 cfg = demo_config("vsepp", run="05_online", **base, **{"boost.schedule": "online", "boost.strategy": "relative"})
 online_rec = MarginRecorder("online")
-online = fit_experiment(cfg, callbacks=[online_rec])
+online = fit_experiment(cfg, callbacks=[online_rec], resume=False)
 fig = viz.plot_margin_distributions(online_rec.records, hue="model")
 viz.save(fig, "05_margins_per_epoch", figures_dir())
 online_rec.violations

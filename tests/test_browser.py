@@ -16,6 +16,7 @@ import os
 import re
 import shutil
 import socket
+import sys
 import tempfile
 import time
 import urllib.error
@@ -154,7 +155,7 @@ def _require_browser():
 
 
 def test_missing_chromium_fails_unless_skipping_is_asked_for(monkeypatch, tmp_path):
-    monkeypatch.setattr(__import__(__name__), "CHROMIUM", str(tmp_path / "no-chromium"))
+    monkeypatch.setattr(sys.modules[__name__], "CHROMIUM", str(tmp_path / "no-chromium"))
     monkeypatch.delenv("CI", raising=False)
     monkeypatch.delenv("USERLAB_SKIP_BROWSER", raising=False)
     with pytest.raises(pytest.fail.Exception, match="setup_browser.sh"):
@@ -338,7 +339,7 @@ def test_notebook04_runs_in_jupyterlab(sandbox):
                 page.wait_for_timeout(500)
             kinds = outputs.evaluate_all("els => els.map(e => (e.getAttribute('data-mime-type') || '') + ' ' + "
                                          "e.className)")
-            assert views.count() == 3, f"expected 3 widget outputs with a figure, found {views.count()}: {kinds}"
+            assert views.count() == 3, f"expected 3 widget outputs with a figure, got {views.count()}: {kinds}"
             for i in range(3):
                 view = views.nth(i)
                 assert "Error displaying widget" not in view.text_content()

@@ -30,7 +30,13 @@ def _fresh_run_dir(cfg: ExperimentConfig) -> None:
     """Keep a finished or interrupted run only if it was made with exactly this config."""
     run = Path(cfg.run_dir)
     saved = run / "config.json"
-    if saved.is_file() and json.loads(saved.read_text()) != json.loads(json.dumps(cfg.to_dict())):
+
+    def comparable(d: dict) -> dict:
+        d = json.loads(json.dumps(d))
+        d["model"].pop("vocab_size", None)  # filled in from the vocabulary at training time
+        return d
+
+    if saved.is_file() and comparable(json.loads(saved.read_text())) != comparable(cfg.to_dict()):
         shutil.rmtree(run)
 
 

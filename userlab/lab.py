@@ -16,7 +16,9 @@ from __future__ import annotations
 import argparse
 import os
 import secrets
+import signal
 import socket
+import threading
 import subprocess
 import sys
 import tempfile
@@ -203,8 +205,16 @@ def start_lab(root_dir: str | os.PathLike, port: Optional[int] = None, token: Op
 
 def serve(root_dir: str | os.PathLike = "notebooks", port: Optional[int] = None,
           timeout: float = 120.0) -> int:
-    """Start JupyterLab, print its URL and wait until Ctrl-C (``userlab lab``). Returns 0."""
+    """Start JupyterLab, print its URL and wait until Ctrl-C or SIGTERM (``userlab lab``).
+
+    Returns:
+        0 when stopped by the user, else the server's own non-zero exit status.
+    """
     lab = start_lab(root_dir, port=port)
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        # `kill <pid>` must not orphan the server: turn SIGTERM into the Ctrl-C path below
+        previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         lab.wait_ready(timeout)
         print(f"JupyterLab serves {lab.root_dir} (local only). Open:\n  {lab.url()}\nCtrl-C stops it.",
@@ -219,6 +229,8 @@ def serve(root_dir: str | os.PathLike = "notebooks", port: Optional[int] = None,
         return 0
     finally:
         lab.stop()
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

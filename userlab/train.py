@@ -193,6 +193,10 @@ class Trainer:
             self.writer = SummaryWriter(str(self.run_dir / "tensorboard"))
         if resume:
             self.try_resume()
+        elif self.rank == 0:
+            # a fresh run in a used folder starts fresh logs (checkpoints are replaced as it goes)
+            for log in (self.step_log.path, self.eval_log.path):
+                log.unlink(missing_ok=True)
 
     # -- checkpoints ---------------------------------------------------------------------
     def train_state(self) -> dict[str, Any]:
