@@ -302,7 +302,7 @@ def preset(name: str) -> ExperimentConfig:
         cfg.model.word_dim = 128
         cfg.momentum.queue_size = 1024
         cfg.optim.lr = 1e-3
-        cfg.optim.epochs, cfg.optim.lr_step = 4, 3
+        cfg.optim.epochs, cfg.optim.lr_step = 3, 2
         cfg.run_dir = "runs/demo_user"
         if name == "vsepp":
             cfg.model.enhancement = "none"
