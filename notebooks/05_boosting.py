@@ -29,8 +29,10 @@ from userlab.experiment import fit_experiment
 from userlab.runs import evaluate_runs
 
 demo_data()
+# Full mode: 4 epochs over the first 1000 demo scenes (the first with VSE0 warm-up, see
+# `preset("vsepp")`), a few minutes per run on a 2-core CPU; `None` trains on all 5000.
 epochs = 2 if SMOKE else 4
-base = {"optim.epochs": epochs, "optim.lr_step": 0}
+base = {"optim.epochs": epochs, "optim.lr_step": 0, "data.train_max_images": None if SMOKE else 1000}
 
 # %% [markdown]
 # ## 1. The idea in a picture: anchor vs target

@@ -63,3 +63,10 @@ def test_bad_json_file_is_named(tmp_path):
 def test_unknown_preset():
     with pytest.raises(ConfigError, match="unknown preset"):
         preset("imagenet")
+
+
+def test_train_max_images_must_be_positive():
+    cfg = preset("demo")
+    cfg.data.train_max_images = 0
+    with pytest.raises(ConfigError, match="data.train_max_images"):
+        validate(cfg)

@@ -486,3 +486,14 @@ def test_bench_script_runs_and_agrees_at_small_size(capsys):
     assert bench.main(["--images", "60", "--repeats", "1", "--no-write"]) == 0  # 0: identical
     out = capsys.readouterr().out
     assert "| full | 60 x 300 |" in out and "| yes |" in out
+
+
+def test_format_table_labels_models_and_blanks_missing_numbers():
+    row = evaluate_sims(TINY, "full", captions_per_image=2)
+    chance = row.copy()
+    chance["i2t_medr"] = float("nan")
+    df = pd.concat([row.assign(model="USER"), chance.assign(model="chance")], ignore_index=True)
+    lines = format_table(df).splitlines()
+    assert lines[0].startswith("| model | protocol |")
+    assert lines[2].startswith("| USER | full |") and lines[3].startswith("| chance | full |")
+    assert "| - |" in lines[3] and "| - |" not in lines[2]

@@ -127,3 +127,14 @@ def test_ddp_two_cpu_processes(tmp_path):
         if "running" in k or "num_batches" in k:
             continue  # BatchNorm statistics are per rank
         assert torch.allclose(r0["encoder"][k], r1["encoder"][k], atol=1e-6), k
+
+
+def test_train_max_images_trains_on_the_first_images_only(tmp_path):
+    from userlab.pipeline import prepare_data
+    root = tiny_data(tmp_path / "data")
+    full = prepare_data(tiny_config(root, tmp_path / "a"))
+    part = prepare_data(tiny_config(root, tmp_path / "b", **{"data.train_max_images": 10}))
+    assert (len(full.train), len(part.train)) == (24 * 5, 10 * 5)
+    assert part.train.num_images == 10 and len(part.val) == len(full.val)
+    # the first 10 images' captions, in the same order
+    assert [part.train[i]["image_id"] for i in range(0, 50, 5)] == [full.train[i]["image_id"] for i in range(0, 50, 5)]

@@ -418,18 +418,19 @@ def evaluate_sims(sims: Any, protocol: str = "full", captions_per_image: int = 5
 def format_table(df: pd.DataFrame, digits: int = 1) -> str:
     """A markdown table of evaluation rows (as returned by :func:`evaluate_sims`).
 
-    Columns: an optional ``name`` column, the protocol, then R@1/R@5/R@10/medr/meanr for
-    i2t and t2i, and rsum. Rows of several evaluations can be concatenated first
-    (``pd.concat([...])``).
+    Columns: optional ``model`` / ``name`` columns, the protocol, then R@1/R@5/R@10/medr/meanr
+    for i2t and t2i, and rsum. Rows of several evaluations can be concatenated first
+    (``pd.concat([...])``). Missing numbers (e.g. the median rank of the chance row) print as ``-``.
     """
-    lead = [c for c in ("name", "protocol") if c in df.columns]
+    lead = [c for c in ("model", "name", "protocol") if c in df.columns]
     cols = lead + [c for c in METRIC_COLUMNS if c in df.columns]
     head = [c.replace("_R@", " R@").replace("_medr", " medr").replace("_meanr", " meanr")
             for c in cols]
     lines = ["| " + " | ".join(head) + " |",
              "|" + "|".join("---" if c in lead else "---:" for c in cols) + "|"]
     for _, r in df.iterrows():
-        cells = [str(r[c]) if c in lead else f"{float(r[c]):.{digits}f}" for c in cols]
+        cells = [str(r[c]) if c in lead else ("-" if pd.isna(r[c]) else f"{float(r[c]):.{digits}f}")
+                 for c in cols]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

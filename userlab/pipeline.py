@@ -64,7 +64,8 @@ def prepare_data(cfg: ExperimentConfig, splits: tuple[str, ...] = ("train", "val
     folder = find_precomp_dir(cfg.data.root, cfg.data.name)
     train = val = None
     if "train" in splits:
-        train = PrecompDataset(folder, cfg.data.train_split, train=cfg.data.caption_augment)
+        train = PrecompDataset(folder, cfg.data.train_split, train=cfg.data.caption_augment,
+                               max_images=cfg.data.train_max_images)
         check_features_match(cfg, train)
     if "val" in splits:
         val = PrecompDataset(folder, cfg.data.val_split, train=False, max_images=cfg.data.dev_max_images)
