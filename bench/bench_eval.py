@@ -85,6 +85,13 @@ def cpu_model() -> str:
     return platform.processor() or "unknown CPU"
 
 
+def append_results(section: str) -> None:
+    """Append one benchmark's markdown section to ``bench/RESULTS.md`` (atomically)."""
+    previous = RESULTS.read_text(encoding="utf-8") if RESULTS.exists() else "# Benchmarks\n\n"
+    atomic_write_text(RESULTS, previous.rstrip("\n") + "\n\n" + section + "\n")
+    print(f"appended to {RESULTS}")
+
+
 def machine_lines(device: torch.device) -> list[str]:
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     dev = (f"cuda ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else "cpu")
@@ -176,9 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(section)
     if not args.no_write:
-        previous = RESULTS.read_text(encoding="utf-8") if RESULTS.exists() else "# Benchmarks\n\n"
-        atomic_write_text(RESULTS, previous.rstrip("\n") + "\n\n" + section + "\n")
-        print(f"appended to {RESULTS}")
+        append_results(section)
     return 0 if all(r["identical"] for r in rows) else 1
 
 

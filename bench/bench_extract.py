@@ -31,9 +31,8 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_eval import load_text, machine_lines  # noqa: E402  (machine description helpers)
+from bench_eval import append_results, load_text, machine_lines  # noqa: E402  (shared helpers)
 
-RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 
 _RUNNER = r"""
 import json, os, resource, sys, time
@@ -168,11 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     section = "\n".join(lines)
     print(section)
     if not args.no_write:
-        from userlab.io import atomic_write_text
-
-        previous = RESULTS.read_text(encoding="utf-8") if RESULTS.exists() else "# Benchmarks\n\n"
-        atomic_write_text(RESULTS, previous.rstrip("\n") + "\n\n" + section + "\n")
-        print(f"appended to {RESULTS}")
+        append_results(section)
     return 0
 
 

@@ -35,7 +35,6 @@ import numpy as np
 
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
-RESULTS = BENCH / "RESULTS.md"
 REGIONS, WIDTH = 36, 2048
 ROW_BYTES = REGIONS * WIDTH * 4
 WORDS = ("a", "man", "woman", "dog", "cat", "red", "blue", "small", "large", "street", "park",
@@ -181,9 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     sys.path.insert(0, str(BENCH))
     sys.path.insert(0, str(ROOT))
     import torch
-    from bench_eval import load_text, machine_lines
-
-    from userlab.io import atomic_write_text
+    from bench_eval import append_results, load_text, machine_lines
 
     n_images = max(64, int(args.gb * 1e9 // ROW_BYTES))
     size = n_images * ROW_BYTES
@@ -243,9 +240,7 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(section)
     if not args.no_write:
-        previous = RESULTS.read_text(encoding="utf-8") if RESULTS.exists() else "# Benchmarks\n\n"
-        atomic_write_text(RESULTS, previous.rstrip("\n") + "\n\n" + section + "\n")
-        print(f"appended to {RESULTS}")
+        append_results(section)
     return 0 if ok else 1
 
 

@@ -20,10 +20,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_eval import RESULTS, load_text, machine_lines  # noqa: E402
+from bench_eval import append_results, load_text, machine_lines  # noqa: E402
 
 from userlab.config import ExperimentConfig  # noqa: E402
-from userlab.io import atomic_write_text  # noqa: E402
 from userlab.models.user import RetrievalModel  # noqa: E402
 from userlab.train import amp_dtype, pick_device  # noqa: E402
 
@@ -107,8 +106,7 @@ def main(argv=None) -> int:
     text = "\n".join(lines)
     print(text)
     if not args.no_write:
-        old = RESULTS.read_text() if RESULTS.is_file() else "# Benchmarks\n\n"
-        atomic_write_text(RESULTS, old.rstrip("\n") + "\n\n" + text + "\n")
+        append_results(text)
     return 0
 
 

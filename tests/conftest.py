@@ -88,3 +88,14 @@ def write_precomp_files(folder: str | os.PathLike, split: str = "train", n_image
 def write_precomp():
     """The function :func:`write_precomp_files`: ``write_precomp(tmp_path, split=..., ...)``."""
     return write_precomp_files
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models and tensors: one torch thread avoids oversubscribing a busy 2-core machine."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -43,13 +43,7 @@ ENV = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}", "OMP_N
 ROUNDS = 3
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """In-process training on tiny tensors: one thread avoids oversubscribing 2 busy cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 SHORT = {"optim.epochs": 2, "optim.lr_step": 1}
 TMP_NAME = re.compile(r"^\..+\.tmp$")          # userlab.io.atomic_path temporaries
