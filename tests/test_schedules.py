@@ -89,3 +89,27 @@ def test_momentum_anchor_follows_target_with_the_schedule(tmp_path):
     model(batch)
     expected = 0.5 * before + 0.5 * target_p.detach()
     assert torch.allclose(anchor_p, expected, atol=1e-6)
+
+
+@pytest.mark.parametrize("strategy", ["relative", "absolute"])
+def test_warm_up_uses_the_sum_form_of_the_boosting_term(tmp_path, strategy):
+    from userlab.boosting import STRATEGIES
+    from userlab.data.precomp import collate_batch
+    from userlab.pipeline import prepare_data
+    root = tiny_data(tmp_path / "data")
+    cfg = tiny_config(root, tmp_path / "run", **{"boost.schedule": "online", "boost.strategy": strategy,
+                                                 "model.enhancement": "none", "momentum.enabled": False,
+                                                 "loss.objective": "triplet"})
+    data = prepare_data(cfg)
+    model = BoostedModel(cfg, vocab=data.vocab).eval()  # eval: no dropout, same sims every call
+    batch = collate_batch([data.train[i] for i in range(8)])
+    expected = {}
+    with torch.no_grad():
+        sims = [b(batch)[1]["sim"] for b in model.branches]
+        for form, name in (("max", strategy), ("sum", f"{strategy}_sum")):
+            expected[form] = STRATEGIES[name](sims[1], sims[0], cfg.boost).total
+        assert not torch.allclose(expected["max"], expected["sum"])
+        for max_violation, form in ((True, "max"), (False, "sum")):
+            model.max_violation = max_violation
+            loss, _ = model(batch)
+            torch.testing.assert_close(loss.terms["boost1"], expected[form])

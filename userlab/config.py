@@ -92,7 +92,7 @@ class LossConfig:
     lambda_batch: float = 20.0          # weight of the mini-batch term (20 F30K, 1 COCO)
     margin: float = 0.2                 # triplet margin
     max_violation: bool = True          # VSE++ hardest negative (False: VSE0 sum)
-    warmup_epochs: int = 0              # triplet only: VSE0 for this many epochs, then VSE++
+    warmup_epochs: int = 0              # VSE0 (and DBL's sum forms) this many epochs, then hardest negatives
     temperature: float = 0.05           # InfoNCE
 
 

@@ -46,6 +46,12 @@ class BoostedModel(nn.Module):
         self.cfg = cfg
         self.schedule = cfg.boost.schedule
         self.strategy = get_strategy(cfg.boost.strategy)
+        # Warm-up epochs (``loss.warmup_epochs``) avoid hardest negatives in every term: the
+        # max-form boosting losses use their sum form then, as VSE0 stands in for VSE++. A
+        # hardest-negative hinge from a random start collapses all similarities together.
+        sum_form = f"{cfg.boost.strategy}_sum"
+        self.warmup_strategy = (get_strategy(sum_form) if cfg.boost.strategy in ("relative", "absolute")
+                                else self.strategy)
         self._progress = (0, 1)
         if self.schedule == "online":
             branches = [RetrievalModel(cfg, vocab=vocab) for _ in range(cfg.boost.num_branches)]
@@ -82,6 +88,11 @@ class BoostedModel(nn.Module):
     def max_violation(self, value: bool) -> None:
         for branch in self.branches:
             branch.max_violation = value
+
+    @property
+    def current_strategy(self):
+        """The boosting term in use: the sum form during warm-up (``max_violation`` off)."""
+        return self.strategy if self.max_violation else self.warmup_strategy
 
     def set_progress(self, step: int, total_steps: int) -> None:
         """Where training stands, for the momentum schedule's cosine momentum."""
@@ -122,7 +133,7 @@ class BoostedModel(nn.Module):
                 img, txt = self.branches[0].encoder(batch)
                 anchor_sims = [(img.embedding @ txt.embedding.t()).detach()]
             loss, outputs = self.target(batch)
-            term = self.strategy(outputs["sim"], anchor_sims[0], boost)
+            term = self.current_strategy(outputs["sim"], anchor_sims[0], boost)
             total = loss.total + boost.alpha * term.total
             terms = {**loss.terms, "boost": term.total.detach()}
             outputs["anchor_sim"] = anchor_sims[0]
@@ -146,7 +157,7 @@ class BoostedModel(nn.Module):
     def _peer_term(self, s_m: torch.Tensor, s_n: torch.Tensor) -> torch.Tensor:
         if self.cfg.boost.strategy == "mutual":
             return peer_kl(s_m, s_n.detach()).total
-        return self.strategy(s_m, s_n.detach(), self.cfg.boost).total
+        return self.current_strategy(s_m, s_n.detach(), self.cfg.boost).total
 
     # -- checkpoints ----------------------------------------------------------------------------
     def inference_state(self) -> dict[str, torch.Tensor]:
