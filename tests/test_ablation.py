@@ -12,6 +12,7 @@ from tiny import tiny_config, tiny_data
 from userlab import ablation, experiment
 from userlab.ablation import (BACKBONES, AblationGrid, format_summary, make_train_subset, plot_ablation,
                               run_ablation, slug, strategy_overrides, summarize)
+from userlab.config import preset
 from userlab.errors import ConfigError
 
 matplotlib.use("Agg")
@@ -37,11 +38,16 @@ def test_cell_configs_switch_the_right_parts_on(tmp_path):
     for backbone, (enh, mom, objective) in expected.items():
         cfg = grid.config(backbone, "DBL absolute", 7)
         assert (cfg.model.enhancement, cfg.momentum.enabled, cfg.loss.objective) == (enh, mom, objective)
-        assert cfg.optim.seed == 7 and cfg.optim.epochs == 4 and cfg.optim.lr_step == 3
+        # the demo preset keeps lr constant (lr_step 0), and so does every cell
+        assert cfg.optim.seed == 7 and cfg.optim.epochs == 4 and cfg.optim.lr_step == 0
         assert cfg.data.root == str(tmp_path / "d")
         assert cfg.run_dir == str(tmp_path / "out" / slug(backbone) / "dbl-absolute" / "seed7")
         # the rest comes from the demo preset
         assert cfg.model.region_dim == 1280 and cfg.model.embed_size == 256
+    # a base config with a decay step gets it moved to 3/4 of the cells' epochs
+    decaying = AblationGrid(backbones=("VSE++",), strategies=("none",), seeds=(7,), epochs=4,
+                            base=preset("demo").replace(**{"optim.lr_step": 2}))
+    assert decaying.config("VSE++", "none", 7).optim.lr_step == 3
     boost = {s: (grid.config("VSE++", s, 7).boost.schedule, grid.config("VSE++", s, 7).boost.strategy)
              for s in ablation.STRATEGY_NAMES}
     assert boost == {"none": ("none", "none"), "DBL relative": ("online", "relative"),

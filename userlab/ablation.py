@@ -119,8 +119,9 @@ class AblationGrid:
         backbones: keys of :data:`BACKBONES`.
         strategies: keys of :func:`strategy_overrides`.
         seeds: ``optim.seed`` of each repetition.
-        epochs: ``optim.epochs`` of every cell (lr x ``lr_decay`` after ``max(1, 3*epochs//4)``
-            epochs, the demo's rule); None keeps the base config's epochs and lr step.
+        epochs: ``optim.epochs`` of every cell; a base config that decays the lr (``lr_step``
+            > 0) decays it after ``max(1, 3*epochs//4)`` epochs, one with a constant lr (the
+            demo preset) keeps it constant. None keeps the base config's epochs and lr step.
         data_root: data root (``data.root``) of every cell.
         out_dir: where the run folders and ``ablation.csv`` go.
         dbl_schedule: see :func:`strategy_overrides`.
@@ -221,7 +222,7 @@ def default_grid(data_root: str = "data/demo", out_dir: str = "runs/ablation", d
                  seeds: Sequence[int] = (1, 2, 3)) -> AblationGrid:
     """CPU-sized: VSE++ and full USER x none / DBL relative / DBL absolute / mutual learning x 3
     seeds; two epochs over the first 750 training scenes (3750 captions, batches of 64: 118
-    steps, lr x0.1 after the first epoch), the first epoch of the triplet backbone with VSE0
+    steps at the demo preset's constant lr 1e-3), the first epoch of the triplet backbone with VSE0
     warm-up as in the demo's baseline, tested on the whole test split. 24 cells, 42
     single-model trainings' worth of compute (the boosted cells train two branches): about 20
     minutes on 2 idle CPU cores with ``workers=2, threads=1``. Short training: it ranks early
