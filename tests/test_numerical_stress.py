@@ -148,8 +148,8 @@ OBJECTIVES: dict[str, Callable[[dict], torch.Tensor]] = {
 }
 
 
-# (scenario, objective) pairs with a known, reported defect; see the xfail test below.
-KNOWN_ISSUES = {("zeros", "similarity_preserving")}
+# (scenario, objective) pairs with a known defect (none at present).
+KNOWN_ISSUES: set[tuple[str, str]] = set()
 
 
 def run_step(name: str, dtype: torch.dtype, g: torch.Generator,
@@ -230,12 +230,8 @@ def _hal_reference(sim: torch.Tensor, mu: float = 90.0, gamma: float = 0.5) -> f
     return total / n
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "userlab/boosting.py similarity_preserving: F.normalize of an all-zero score row has gradient "
-    "1/eps = 1e12 (fp32), which overflows to inf when cast back to an fp16 similarity matrix; "
-    "fix: normalise with a larger eps (e.g. F.normalize(S, dim=1, eps=1e-3)) or treat zero rows "
-    "as constant"))
 def test_similarity_preserving_gradient_is_finite_at_all_zero_scores():
+    """Was a defect: normalising an all-zero row with eps 1e-12 gave an inf fp16 gradient."""
     values, bad = run_step("zeros", torch.float16, torch.Generator().manual_seed(0), only="similarity_preserving")
     assert not bad
 

@@ -278,6 +278,10 @@ def score_matching(S_t: Tensor, S_a: Tensor, scale: float = DISTILL_SCALE) -> Lo
     return LossOutput(total=loss, terms={"score_matching": loss})
 
 
+#: Smallest norm similarity-preserving distillation divides by (see :func:`similarity_preserving`).
+SP_EPS = 1e-3
+
+
 def similarity_preserving(S_t: Tensor, S_a: Tensor, scale: float = DISTILL_SCALE) -> LossOutput:
     """Similarity-preserving distillation (DBL's ``sp`` baseline) on score matrices.
 
@@ -290,8 +294,10 @@ def similarity_preserving(S_t: Tensor, S_a: Tensor, scale: float = DISTILL_SCALE
     """
     S_t, S_a = _as_pair(S_t, S_a)
     with _no_autocast(S_t.device):
-        rows = (F.normalize(S_t, dim=1) - F.normalize(S_a, dim=1)).pow(2).sum(1).mean()
-        cols = (F.normalize(S_t, dim=0) - F.normalize(S_a, dim=0)).pow(2).sum(0).mean()
+        # eps 1e-3, not 1e-12: an all-zero score row has gradient ~1/eps, which must survive
+        # the cast back to an fp16 similarity matrix; rows of real scores are far longer.
+        rows = (F.normalize(S_t, dim=1, eps=SP_EPS) - F.normalize(S_a, dim=1, eps=SP_EPS)).pow(2).sum(1).mean()
+        cols = (F.normalize(S_t, dim=0, eps=SP_EPS) - F.normalize(S_a, dim=0, eps=SP_EPS)).pow(2).sum(0).mean()
         i2t, t2i = scale * rows, scale * cols
     return LossOutput(total=i2t + t2i, terms={"i2t": i2t, "t2i": t2i})
 
