@@ -6,6 +6,7 @@ with ``chunk_size=2``; the other tests compare against that reference run.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -39,6 +40,23 @@ IMAGES = [("1001_a.jpg", "RGB", (64, 48)), ("1002_b.jpg", "L", (40, 56)),
           ("1007_g.jpg", "RGB", (36, 36)), ("1008_h.png", "RGB", (60, 45))]
 SPLITS = {"train": [n for n, _, _ in IMAGES[:5]], "dev": [n for n, _, _ in IMAGES[5:7]],
           "test": [IMAGES[7][0]]}
+
+
+@contextlib.contextmanager
+def counting_feature_rows():
+    """Record the number of images each backbone batch computes during the ``with`` block."""
+    calls: list[int] = []
+    original = extract_module._FeatureRunner.__call__
+
+    def counting(self, batch, rows):
+        calls.append(len(rows))
+        return original(self, batch, rows)
+
+    extract_module._FeatureRunner.__call__ = counting
+    try:
+        yield calls
+    finally:
+        extract_module._FeatureRunner.__call__ = original
 
 
 def _picture(mode: str, size: tuple[int, int], seed: int) -> Image.Image:
@@ -195,18 +213,8 @@ def test_resume_after_sigkill_is_byte_identical(data):
     assert chunks and len(chunks) < 3                     # train has 3 chunks of 2, 2, 1 images
     assert not (out / "precomp" / "train_ims.npy").exists()
 
-    calls = []
-    original = extract_module._FeatureRunner.__call__
-
-    def counting(self, batch, rows):
-        calls.append(len(rows))
-        return original(self, batch, rows)
-
-    extract_module._FeatureRunner.__call__ = counting
-    try:
+    with counting_feature_rows() as calls:
         extract_dataset(**args)
-    finally:
-        extract_module._FeatureRunner.__call__ = original
     # only the missing train chunks and the dev / test splits were computed
     assert sum(calls) == 5 - 2 * len(chunks) + 2 + 1
     assert _files(out / "precomp") == _files(ref)
@@ -251,19 +259,8 @@ def test_corrupt_images_reported_then_skipped_without_recomputing(data, tmp_path
     chunk_dir = tmp_path / "out" / "precomp" / ".chunks" / "train"
     assert len(list(chunk_dir.glob("chunk_*.npz"))) == 3           # work kept for the rerun
 
-    calls = []
-    original = extract_module._FeatureRunner.__call__
-
-    def counting(self, batch, rows):
-        calls.append(len(rows))
-        return original(self, batch, rows)
-
-    extract_module._FeatureRunner.__call__ = counting
-    try:
-        with pytest.warns(UserWarning, match="unreadable"):
-            out = extract_dataset(**args, skip_missing=True)
-    finally:
-        extract_module._FeatureRunner.__call__ = original
+    with counting_feature_rows() as calls, pytest.warns(UserWarning, match="unreadable"):
+        out = extract_dataset(**args, skip_missing=True)
     assert sum(calls) == 1           # train chunks reused; dev has 1 readable image
     train = PrecompDataset(out, "train")
     assert train.num_images == 4 and "1003_c.jpg" not in str(train.image_paths)

@@ -699,21 +699,13 @@ def cmd_ablate(args: argparse.Namespace) -> int:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """``python -m userlab.ablation`` (the same as ``userlab ablate``)."""
+    """``python -m userlab.ablation [--debug] ...``: runs ``userlab [--debug] ablate ...``."""
     import sys
 
-    from .errors import UserlabError
-    parser = argparse.ArgumentParser(prog="python -m userlab.ablation", description=cmd_ablate.__doc__)
-    parser.add_argument("--debug", action="store_true", help="show tracebacks")
-    add_ablate_arguments(parser)
-    args = parser.parse_args(argv)
-    try:
-        return cmd_ablate(args)
-    except UserlabError as exc:
-        if args.debug:
-            raise
-        print(f"userlab ablate: error: {exc}", file=sys.stderr)
-        return 2
+    from .cli import main as cli_main
+    args = list(sys.argv[1:] if argv is None else argv)
+    debug = ["--debug"] if "--debug" in args else []
+    return cli_main(debug + ["ablate"] + [a for a in args if a != "--debug"])
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -310,11 +310,7 @@ def plot_region_attention(image: Any, boxes: Any, weights: Any, title: Optional[
                     gid=f"label:{int(k)}")
     ax.set_xlim(0, img.shape[1])
     ax.set_ylim(img.shape[0], 0)
-    ax.set_xticks([])
-    ax.set_yticks([])
-    ax.grid(False)
-    if title:
-        ax.set_title(title, fontsize=10)
+    _bare_axis(ax, title)
     return fig
 
 
@@ -354,11 +350,7 @@ def plot_grid_attention(image: Any, weights: Any, grid: tuple[int, int],
     heat = ax.imshow(weights.reshape(h, w_cells), extent=extent, alpha=alpha, cmap=cmap,
                      interpolation="nearest")
     fig.colorbar(heat, ax=ax, fraction=0.046, pad=0.04)
-    ax.set_xticks([])
-    ax.set_yticks([])
-    ax.grid(False)
-    if title:
-        ax.set_title(title, fontsize=10)
+    _bare_axis(ax, title)
     return fig
 
 
@@ -807,6 +799,15 @@ def load_thumbnail(dataset: Any, index: int, size: int = _THUMB_SIZE) -> Optiona
         return None
 
 
+def _bare_axis(ax: plt.Axes, title: Optional[str] = None) -> None:
+    """A picture axis: no ticks, no grid, an optional small title."""
+    ax.set_xticks([])
+    ax.set_yticks([])
+    ax.grid(False)
+    if title:
+        ax.set_title(title, fontsize=10)
+
+
 def _show_thumbnail(ax: plt.Axes, dataset: Any, index: int) -> None:
     thumb = load_thumbnail(dataset, index)
     if thumb is None:
@@ -815,9 +816,7 @@ def _show_thumbnail(ax: plt.Axes, dataset: Any, index: int) -> None:
                 transform=ax.transAxes)
     else:
         ax.imshow(thumb)
-    ax.set_xticks([])
-    ax.set_yticks([])
-    ax.grid(False)
+    _bare_axis(ax)
 
 
 def _frame(ax: plt.Axes, colour: str, width: float, gid: str) -> None:
