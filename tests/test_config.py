@@ -38,7 +38,7 @@ def test_replace_with_dotted_keys():
     ({"optim": {"lr": "fast"}}, "optim.lr", "number"),
     ({"optim": {"epochs": 2.5}}, "optim.epochs", "integer"),
     ({"momentum": {"enabled": "yes"}}, "momentum.enabled", "true/false"),
-    ({"momentum": {"queue_size": -5}}, "momentum.queue_size", "> 0"),
+    ({"momentum": {"queue_size": -5}}, "momentum.queue_size", "must be in [1, 2^24], got -5"),
     ({"momentum": {"queue_size": 64}, "data": {"batch_size": 128}}, "momentum.queue_size", "smaller than the batch"),
     ({"model": {"enhancement": "sgee"}}, "model.enhancement", "not one of"),
     ({"momentum": {"momentum": 1.5}}, "momentum.momentum", "[0, 1]"),

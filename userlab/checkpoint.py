@@ -86,7 +86,12 @@ def save_checkpoint(run_dir: str | os.PathLike, tag: str, step: int, model_state
 
     Returns:
         The checkpoint folder.
+
+    Raises:
+        CheckpointError: a tensor holds NaN/Inf; nothing is written, the pointer and the
+            existing (finite) checkpoints stay as they were.
     """
+    refuse_nonfinite(Path(run_dir) / "checkpoints" / f"{tag}-{step:08d}", model_state, train_state)
     root = Path(run_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"{tag}-{step:08d}"
@@ -113,7 +118,22 @@ def save_checkpoint(run_dir: str | os.PathLike, tag: str, step: int, model_state
     return final
 
 
+def refuse_nonfinite(folder: Path, model_state: dict[str, torch.Tensor], train_state: dict[str, Any]) -> None:
+    """Raise CheckpointError, before anything is written, if a tensor to be saved holds NaN/Inf.
+
+    Because no non-finite checkpoint is ever written, :func:`_prune` (which only removes folders
+    older than the one just written) can never remove the last finite checkpoint."""
+    from .guard import first_nonfinite
+    for label, state in ((MODEL_FILE, model_state), (STATE_FILE, train_state)):
+        count, name = first_nonfinite(state)
+        if count:
+            raise CheckpointError(folder, f"refusing to write a checkpoint with non-finite values: {count} "
+                                          f"tensor(s) of {label} hold NaN or Inf (e.g. {name}); the last "
+                                          "finite checkpoint is kept")
+
+
 def _prune(root: Path, tag: str, keep: int, current: str) -> None:
+    # ``current`` passed refuse_nonfinite, so removing older folders never loses the last finite one
     folders = sorted(p for p in root.glob(f"{tag}-*") if p.is_dir() and p.name != current)
     for old in folders[: max(0, len(folders) - (keep - 1))]:
         shutil.rmtree(old, ignore_errors=True)

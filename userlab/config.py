@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import types
 import typing
@@ -109,7 +110,8 @@ class OptimConfig:
     grad_clip: float = 2.0
     amp: str = "auto"                   # auto (bf16/fp16 on CUDA, off on CPU), off, bf16, fp16
     seed: int = 1
-    device: str = "auto"
+    device: str = "auto"                # auto, cpu, cuda, cuda:N, mps (checked available at Trainer start)
+    max_nonfinite_steps: int = 10       # this many NaN/Inf steps in a row (each skipped) stop the run
 
 
 @dataclass
@@ -231,16 +233,149 @@ def _coerce(hint: Any, value: Any, name: str) -> Any:
     return value
 
 
+# -- validation ------------------------------------------------------------------------------
+INF = math.inf
+
+
+@dataclass(frozen=True)
+class Range:
+    """Allowed values of one numeric field: ``lo <= x <= hi`` (``<`` where open); always finite.
+
+    ``why`` says in a few words what goes wrong outside the range (shown in the error and in
+    ``docs/config-ranges.md``).
+    """
+
+    lo: float = -INF
+    hi: float = INF
+    lo_open: bool = False
+    hi_open: bool = False
+    why: str = ""
+
+    def contains(self, x: float) -> bool:
+        if not math.isfinite(x):
+            return False
+        above = x > self.lo if self.lo_open else x >= self.lo
+        below = x < self.hi if self.hi_open else x <= self.hi
+        return above and below
+
+    def text(self) -> str:
+        """``[0, 1)``, ``> 0``, ``>= 1``: the range as a reader writes it."""
+        if self.hi == INF:
+            return f"{'>' if self.lo_open else '>='} {_num(self.lo)}"
+        return f"{'(' if self.lo_open else '['}{_num(self.lo)}, {_num(self.hi)}{')' if self.hi_open else ']'}"
+
+
+def _num(x: float) -> str:
+    if isinstance(x, float) and x.is_integer() and abs(x) < 1e6:
+        x = int(x)
+    if isinstance(x, int) and x >= 2**16 and (x & (x - 1) == 0 or (x + 1) & x == 0):
+        return f"2^{(x + 1).bit_length() - 1}{'' if x & (x - 1) == 0 else ' - 1'}"
+    return f"{x:g}" if isinstance(x, float) else str(x)
+
+
+def _r(lo: float = -INF, hi: float = INF, why: str = "", lo_open: bool = False, hi_open: bool = False) -> Range:
+    return Range(lo, hi, lo_open, hi_open, why)
+
+
+_DIM = 2**16    # widths beyond this are typos (a 65536-wide GRU needs 50 GB), not experiments
+
+#: The range of every numeric field (dotted name). ``tests/test_config.py`` checks that no numeric
+#: field is missing, and ``docs/config-ranges.md`` is generated from this table.
+RANGES: dict[str, Range] = {
+    "data.dev_max_images": _r(1, why="empty dev split (null: all images)"),
+    "data.train_max_images": _r(1, why="empty training split (null: all images)"),
+    "data.batch_size": _r(2, 2**20, why="a contrastive batch needs a negative; BatchNorm needs 2 rows"),
+    "data.num_workers": _r(0, 256, why="DataLoader worker processes"),
+    "data.augment_prob": _r(0, 1, why="a probability"),
+    "data.vocab_threshold": _r(1, why="minimum word count; 0 would keep no word out"),
+    "data.max_caption_len": _r(3, 4096, why="start, one word and end need 3 ids"),
+    "model.region_dim": _r(1, _DIM, why="feature width"),
+    "model.num_regions": _r(1, 4096, why="regions per image"),
+    "model.embed_size": _r(1, _DIM, why="joint embedding width"),
+    "model.guide_dim": _r(1, _DIM, why="guide (CLIP) embedding width"),
+    "model.sge_dropout": _r(0, 1, hi_open=True, why="dropout 1 drops everything"),
+    "model.attention_lambda": _r(0, 1e4, lo_open=True, why="softmax scale; <= 0 attends to the least similar regions"),
+    "model.mlp_hidden": _r(1, _DIM, why="hidden width"),
+    "model.gpo_dim": _r(1, 4096, why="GPO's GRU width"),
+    "model.word_dim": _r(1, _DIM, why="word embedding width"),
+    "model.vocab_size": _r(0, 2**31 - 1, why="filled in from the vocabulary"),
+    "model.text_dropout": _r(0, 1, hi_open=True, why="dropout 1 drops everything"),
+    "momentum.momentum": _r(0, 1, why="EMA factor"),
+    "momentum.queue_size": _r(1, 2**24, why="keys per queue"),
+    "loss.mu": _r(0, 1e4, lo_open=True, why="UTO scale; <= 0 inverts or flattens the loss"),
+    "loss.gamma": _r(-1, 1, why="a cosine threshold"),
+    "loss.lambda_batch": _r(0, 1e4, why="a loss weight; negative would train the batch term backwards"),
+    "loss.margin": _r(0, 2, why="cosines differ by at most 2; negative trains backwards"),
+    "loss.warmup_epochs": _r(0, why="epochs of VSE0 before hardest negatives"),
+    "loss.temperature": _r(1e-4, 1e4, why="InfoNCE temperature; tiny values overflow"),
+    "optim.lr": _r(0, 1e3, lo_open=True, why="a negative or zero lr trains backwards or not at all"),
+    "optim.text_lr_scale": _r(0, 1e3, why="0 freezes a transformer text encoder"),
+    "optim.weight_decay": _r(0, 1e3, why="negative decay grows the weights"),
+    "optim.epochs": _r(1, 10**6, why="at least one epoch"),
+    "optim.lr_step": _r(0, 10**6, why="0: constant lr"),
+    "optim.lr_decay": _r(0, 1, lo_open=True, why="a decay factor; negative flips the lr's sign, > 1 grows it"),
+    "optim.grad_clip": _r(0, 1e6, lo_open=True, why="a norm; negative flips the gradient, 0 zeroes it"),
+    "optim.seed": _r(0, 2**32 - 1, why="NumPy's seed range"),
+    "optim.max_nonfinite_steps": _r(1, 10**6, why="consecutive NaN/Inf steps before the run stops"),
+    "boost.margin": _r(0, 2, why="cosines differ by at most 2; negative trains backwards"),
+    "boost.beta": _r(0, 1e3, why="margin scale; negative flips the margin"),
+    "boost.alpha": _r(0, 1e3, why="boosting loss weight; negative trains it backwards"),
+    "boost.num_branches": _r(1, 64, why="online schedule: branches (>= 2 to boost)"),
+    "boost.momentum_teacher": _r(0, 1, why="EMA factor"),
+    "boost.anchor_epochs": _r(0, 10**6, why="0: optim.epochs"),
+    "log_every": _r(1, why="steps between log rows"),
+    "eval_every": _r(1, why="epochs between dev evaluations"),
+}
+
+
+def numeric_fields(cls: type = None, prefix: str = "") -> dict[str, Any]:
+    """``{dotted name: type hint}`` of every int / float / Optional[int] field of the config."""
+    cls = cls or ExperimentConfig
+    out: dict[str, Any] = {}
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        hint = hints[f.name]
+        if dataclasses.is_dataclass(hint):
+            out.update(numeric_fields(hint, prefix + f.name + "."))
+            continue
+        args = [a for a in typing.get_args(hint) if a is not type(None)] or [hint]
+        if args[0] in (int, float):
+            out[prefix + f.name] = hint
+    return out
+
+
+def _get(cfg: Any, dotted: str) -> Any:
+    for part in dotted.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
+
+
 def validate(cfg: ExperimentConfig) -> ExperimentConfig:
-    """Check ranges and choices; raise ConfigError naming the first bad field."""
+    """Check types, ranges (:data:`RANGES`), choices and cross-field rules that need no data;
+    raise ConfigError naming the first bad field.
+
+    NaN and Inf are refused in every numeric field. Rules that need the data or the machine
+    (steps per epoch, device present) are in :func:`check_training_fits` and :func:`check_device`,
+    which the Trainer runs before training.
+    """
     def choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
         if value not in allowed:
             raise ConfigError(name, f"{value!r} is not one of {', '.join(allowed)}")
 
-    def positive(name: str, value: float, allow_zero: bool = False) -> None:
-        if value < 0 or (value == 0 and not allow_zero):
-            raise ConfigError(name, f"must be {'>= 0' if allow_zero else '> 0'}, got {value}")
-
+    for name, hint in numeric_fields().items():
+        value = _get(cfg, name)
+        optional = type(None) in typing.get_args(hint)
+        if value is None and optional:
+            continue
+        want_int = int in (typing.get_args(hint) or (hint,))
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or (want_int and not isinstance(value, int)):
+            raise ConfigError(name, f"expected {'an integer' if want_int else 'a number'}, got {value!r}")
+        rng = RANGES[name]
+        if not math.isfinite(value):
+            raise ConfigError(name, f"must be a finite number in {rng.text()}, got {value}")
+        if not rng.contains(value):
+            raise ConfigError(name, f"must be {rng.text() if rng.hi == INF else 'in ' + rng.text()}, "
+                                    f"got {value} ({rng.why})")
     choice("model.enhancement", cfg.model.enhancement, ENHANCEMENTS)
     choice("model.text_encoder", cfg.model.text_encoder, TEXT_ENCODERS)
     choice("loss.objective", cfg.loss.objective, OBJECTIVES)
@@ -248,31 +383,88 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
     choice("boost.strategy", cfg.boost.strategy, BOOST_STRATEGIES)
     choice("boost.soft_adaptation", cfg.boost.soft_adaptation, ("none", "hard", "soft"))
     choice("optim.amp", cfg.optim.amp, ("auto", "off", "bf16", "fp16"))
-    positive("data.batch_size", cfg.data.batch_size)
-    positive("data.num_workers", cfg.data.num_workers, allow_zero=True)
-    for name in ("dev_max_images", "train_max_images"):
-        if getattr(cfg.data, name) is not None:
-            positive(f"data.{name}", getattr(cfg.data, name))
-    positive("model.region_dim", cfg.model.region_dim)
-    positive("model.num_regions", cfg.model.num_regions)
-    positive("model.embed_size", cfg.model.embed_size)
-    positive("momentum.queue_size", cfg.momentum.queue_size)
-    positive("optim.lr", cfg.optim.lr)
-    positive("optim.epochs", cfg.optim.epochs)
-    positive("optim.lr_step", cfg.optim.lr_step, allow_zero=True)
-    positive("loss.mu", cfg.loss.mu)
-    positive("boost.num_branches", cfg.boost.num_branches)
-    if not 0.0 <= cfg.momentum.momentum <= 1.0:
-        raise ConfigError("momentum.momentum", f"must lie in [0, 1], got {cfg.momentum.momentum}")
-    if not 0.0 <= cfg.data.augment_prob <= 1.0:
-        raise ConfigError("data.augment_prob", f"must lie in [0, 1], got {cfg.data.augment_prob}")
+    _check_device_name(cfg.optim.device)
+    for name in ("data.root", "run_dir"):
+        if not _get(cfg, name).strip():
+            raise ConfigError(name, "must not be empty")
+    # -- cross-field rules that need no data ---------------------------------------------------
     if cfg.momentum.enabled and cfg.momentum.queue_size < cfg.data.batch_size:
         raise ConfigError("momentum.queue_size",
                           f"queue ({cfg.momentum.queue_size}) is smaller than the batch "
                           f"({cfg.data.batch_size}); each step would overwrite the whole queue")
+    top_lr = cfg.optim.lr * max(1.0, cfg.optim.text_lr_scale)
+    if top_lr * cfg.optim.weight_decay >= 1.0:
+        raise ConfigError("optim.weight_decay",
+                          f"lr x weight_decay = {top_lr * cfg.optim.weight_decay:g} >= 1: AdamW's decoupled "
+                          "decay would multiply every weight by a factor <= 0 each step")
+    if cfg.boost.schedule == "online" and cfg.boost.num_branches < 2:
+        raise ConfigError("boost.num_branches",
+                          f"the online schedule boosts each branch against earlier ones; "
+                          f"{cfg.boost.num_branches} branch has nothing to learn from (use >= 2)")
     if cfg.model.text_encoder == "transformer" and not cfg.model.transformer_path:
         raise ConfigError("model.transformer_path", "a transformer text encoder needs a local model folder")
     return cfg
+
+
+def _check_device_name(name: Any) -> None:
+    if not isinstance(name, str):
+        raise ConfigError("optim.device", f"expected a string, got {name!r}")
+    if name == "auto":
+        return
+    import torch  # only here: reading a config should not need torch
+    try:
+        torch.device(name)
+    except (RuntimeError, ValueError) as exc:
+        raise ConfigError("optim.device", f"{name!r} is not a device name (auto, cpu, cuda, cuda:N, mps): "
+                                          f"{' '.join(str(exc).split())[:120]}") from None
+
+
+def check_device(name: str) -> None:
+    """The requested device exists on this machine (``cuda`` without CUDA is a ConfigError).
+
+    Not part of :func:`validate`: a config written on a GPU machine must still load elsewhere
+    (``userlab eval`` picks its own device)."""
+    _check_device_name(name)
+    if name == "auto":
+        return
+    import torch
+    dev = torch.device(name)
+    if dev.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ConfigError("optim.device", f"{name!r} requested but this machine has no usable CUDA GPU "
+                                              "(use auto or cpu)")
+        if dev.index is not None and dev.index >= count:
+            raise ConfigError("optim.device", f"{name!r} requested but this machine has {count} CUDA GPU(s) "
+                                              f"(cuda:0..cuda:{count - 1})")
+    elif dev.type == "mps":
+        if not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+            raise ConfigError("optim.device", f"{name!r} requested but Apple MPS is not available here")
+    elif dev.type != "cpu":
+        raise ConfigError("optim.device", f"{name!r}: userlab trains on auto, cpu, cuda[:N] or mps")
+
+
+def check_training_fits(cfg: ExperimentConfig, n_captions: int, world: int = 1,
+                        source: str = "") -> None:
+    """Cross-field rules that need the training split's size: at least one step per epoch, and
+    a queue that holds one step's keys from every process. Called by :func:`prepare_data`
+    right after the split is opened, before any vocabulary is built or step taken.
+
+    Args:
+        n_captions: captions in the (possibly ``train_max_images``-cut) training split.
+        world: DDP processes; each takes its own batch of ``data.batch_size``.
+        source: the split's file, named in the message.
+    """
+    b = cfg.data.batch_size
+    if (n_captions // b) // world < 1:
+        where = f" ({source})" if source else ""
+        raise ConfigError("data.batch_size",
+                          f"{b} x {world} process(es) is more than the training split's {n_captions} "
+                          f"captions{where}: an epoch would have 0 steps (lower the batch size)")
+    if cfg.momentum.enabled and world > 1 and cfg.momentum.queue_size < b * world:
+        raise ConfigError("momentum.queue_size",
+                          f"queue ({cfg.momentum.queue_size}) is smaller than one step's keys from "
+                          f"{world} processes ({b * world}); each step would overwrite the whole queue")
 
 
 def preset(name: str) -> ExperimentConfig:

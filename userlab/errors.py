@@ -42,3 +42,22 @@ class CheckpointError(UserlabError, RuntimeError):
         self.path = None if path is None else str(path)
         self.problem = problem
         super().__init__(f"{self.path}: {problem}" if self.path else problem)
+
+
+class NonFiniteError(UserlabError, FloatingPointError):
+    """Training produced NaN/Inf losses or gradients for too many steps in a row.
+
+    Args:
+        step: the global step of the last (skipped) non-finite step.
+        terms: that step's loss terms (``total`` first), as Python floats.
+        consecutive: non-finite steps in a row (the limit, ``optim.max_nonfinite_steps``).
+        skipped: non-finite steps skipped in the whole run.
+        cause: the likely cause, in words.
+    """
+
+    def __init__(self, step: int, terms: dict[str, float], consecutive: int, skipped: int, cause: str):
+        self.step, self.terms, self.consecutive, self.skipped, self.cause = step, terms, consecutive, skipped, cause
+        shown = ", ".join(f"{k} {v:.4g}" for k, v in terms.items())
+        super().__init__(f"training stopped at step {step}: {consecutive} non-finite steps in a row "
+                         f"(optim.max_nonfinite_steps; {skipped} skipped in this run, weights unchanged by "
+                         f"them). Loss terms at step {step}: {shown}. Likely cause: {cause}")

@@ -2,13 +2,14 @@
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
 import torch
 
-from .config import ExperimentConfig
+from .config import ExperimentConfig, check_training_fits
 from .data.precomp import PrecompDataset, find_precomp_dir
 from .data.text import HFTokenizer, Vocabulary, WordTokenizer, build_vocab
 from .errors import DataError
@@ -66,6 +67,7 @@ def prepare_data(cfg: ExperimentConfig, splits: tuple[str, ...] = ("train", "val
     if "train" in splits:
         train = PrecompDataset(folder, cfg.data.train_split, train=cfg.data.caption_augment,
                                max_images=cfg.data.train_max_images)
+        check_training_fits(cfg, len(train), int(os.environ.get("WORLD_SIZE", "1")), str(train.ims_path))
         check_features_match(cfg, train)
     if "val" in splits:
         val = PrecompDataset(folder, cfg.data.val_split, train=False, max_images=cfg.data.dev_max_images)

@@ -34,9 +34,11 @@ import torch
 from tqdm.auto import tqdm
 
 from . import checkpoint as ckpt
-from .config import ExperimentConfig
+from .config import ExperimentConfig, check_device, validate
 from .data.precomp import collate_batch
+from .errors import ConfigError
 from .evaluate import evaluate, move_batch
+from .guard import FiniteGuard
 from .losses import check_collapse
 from .models.boosted import BoostedModel
 from .models.user import RetrievalModel, build_model
@@ -45,7 +47,12 @@ from .pipeline import DataBundle, EpochBatchSampler, lr_at_epoch, prepare_data
 
 # -- devices, precision, seeds -------------------------------------------------------------------
 def pick_device(name: str = "auto") -> torch.device:
-    """``auto``: CUDA when present, else CPU (under torchrun: the local rank's GPU)."""
+    """``auto``: CUDA when present, else CPU (under torchrun: the local rank's GPU).
+
+    Raises:
+        ConfigError: the named device is not available here (e.g. ``cuda`` without CUDA).
+    """
+    check_device(name)
     if name != "auto":
         return torch.device(name)
     if torch.cuda.is_available():
@@ -156,7 +163,7 @@ class Trainer:
                  model: Optional[RetrievalModel] = None, callbacks: Iterable[Callback] = (),
                  resume: bool = True, progress: bool = True, max_steps: Optional[int] = None,
                  checkpoint_every: int = 0, tensorboard: bool = False):
-        self.cfg = cfg
+        self.cfg = validate(cfg)  # configs edited in Python after from_dict are checked too
         self.device = pick_device(cfg.optim.device)
         self.rank, self.world = init_distributed(self.device)
         seed_everything(cfg.optim.seed)
@@ -175,6 +182,7 @@ class Trainer:
             group["base_lr"] = group["lr"]
         self.amp = amp_dtype(cfg.optim.amp, self.device)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp == torch.float16)
+        self.guard = FiniteGuard(cfg.optim.max_nonfinite_steps, self.scaler, self.world, self.amp)
         self.callbacks = list(callbacks)
         self.progress = progress and self.rank == 0
         self.max_steps = max_steps
@@ -206,7 +214,7 @@ class Trainer:
             "momentum": self.model.momentum_state(),
             "step": self.step, "epoch": self.epoch, "step_in_epoch": self.step_in_epoch,
             "best_rsum": float(self.best_rsum), "rng": ckpt.rng_state(),
-            "world": self.world,
+            "world": self.world, "guard": self.guard.state_dict(),
         }
 
     def save(self, tag: str = "last") -> Optional[Path]:
@@ -237,6 +245,7 @@ class Trainer:
             self.step, self.epoch = int(state["step"]), int(state["epoch"])
             self.step_in_epoch, self.best_rsum = int(state["step_in_epoch"]), float(state["best_rsum"])
             ckpt.set_rng_state(state["rng"])
+            self.guard.load_state_dict(state.get("guard", {}))  # absent in older checkpoints
         except (RuntimeError, ValueError, KeyError, TypeError) as exc:
             # e.g. momentum.queue_size changed since the checkpoint: torch's message is many lines
             raise ckpt.CheckpointError(folder / ckpt.STATE_FILE, "does not match this run's config "
@@ -271,6 +280,7 @@ class Trainer:
     def train_step(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:
         """One optimiser step on a batch (already on the device); returns the logged numbers."""
         self.model.train()
+        self.guard.snapshot(self.model)
         autocast = (torch.autocast(self.device.type, dtype=self.amp) if self.amp is not None
                     else contextlib.nullcontext())
         with autocast:
@@ -282,14 +292,19 @@ class Trainer:
         if self.world > 1:
             _all_reduce_gradients(params, self.world)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.optim.grad_clip)
-        self.scaler.step(self.optimizer)
+        if self.guard.is_finite(loss.total, grad_norm, self.step):
+            self.scaler.step(self.optimizer)
+        else:  # skipped: weights, optimizer moments and buffers stay as before the step
+            self.guard.skip(self.model, self.step, loss.total, loss.terms,
+                            self.optimizer.param_groups[0]["lr"], self.cfg.optim.grad_clip)
         self.scaler.update()
         sim = outputs["sim"].detach().float()
         check_collapse(sim)
         row = {"step": self.step, "epoch": self.epoch, "lr": self.optimizer.param_groups[0]["lr"],
                "loss": float(loss.total.detach()), "grad_norm": float(grad_norm),
                "pos_sim": float(sim.diag().mean()),
-               "neg_sim": float((sim.sum() - sim.diag().sum()) / max(1, sim.numel() - sim.shape[0]))}
+               "neg_sim": float((sim.sum() - sim.diag().sum()) / max(1, sim.numel() - sim.shape[0])),
+               "skipped": self.guard.skipped}
         row.update({f"loss_{k}": float(v.detach()) for k, v in loss.terms.items()})
         return row
 
@@ -321,7 +336,8 @@ class Trainer:
                 self.step += 1
                 self.step_in_epoch += 1
                 row["time"] = time.perf_counter() - t0
-                if self.rank == 0 and (self.step % cfg.log_every == 0 or self.step_in_epoch == 1):
+                if self.rank == 0 and (self.step % cfg.log_every == 0 or self.step_in_epoch == 1
+                                       or self.guard.last_skipped):
                     self.step_log.write(row)
                     if self.writer is not None:
                         for k, v in row.items():
@@ -377,5 +393,9 @@ def load_model(path: str | os.PathLike, tag: str = "best", device: Optional[torc
     vocab = Vocabulary.load(folder / "vocab.json") if (folder / "vocab.json").is_file() else None
     model = RetrievalModel(cfg, vocab=vocab, with_momentum=False)
     model.load_inference_state(ckpt.load_model_state(folder), folder / ckpt.MODEL_FILE)
-    device = device or pick_device(cfg.optim.device)
+    if device is None:
+        try:
+            device = pick_device(cfg.optim.device)
+        except ConfigError:  # trained on a device this machine lacks: inference runs anywhere
+            device = pick_device("auto")
     return model.to(device).eval(), cfg, vocab
