@@ -308,7 +308,8 @@ RANGES: dict[str, Range] = {
     "loss.margin": _r(0, 2, why="cosines differ by at most 2; negative trains backwards"),
     "loss.warmup_epochs": _r(0, why="epochs of VSE0 before hardest negatives"),
     "loss.temperature": _r(1e-4, 1e4, why="InfoNCE temperature; tiny values overflow"),
-    "optim.lr": _r(0, 1e3, lo_open=True, why="a negative or zero lr trains backwards or not at all"),
+    "optim.lr": _r(0, lo_open=True, why="a negative or zero lr trains backwards or not at all; "
+                                         "divergence at a high lr is caught by the finite guard"),
     "optim.text_lr_scale": _r(0, 1e3, why="0 freezes a transformer text encoder"),
     "optim.weight_decay": _r(0, 1e3, why="negative decay grows the weights"),
     "optim.epochs": _r(1, 10**6, why="at least one epoch"),

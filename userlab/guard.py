@@ -57,16 +57,21 @@ class FiniteGuard:
         self.consecutive = 0
         self.last_skipped = False
         self._saved: list[torch.Tensor] = []
+        self._float_buffers: list[torch.Tensor] = []
+        self._bad = 0
         self._last_finite: Optional[tuple[int, torch.Tensor, torch.Tensor]] = None
 
     # -- buffers ---------------------------------------------------------------------------------
     def snapshot(self, model: torch.nn.Module) -> None:
         """Copy every buffer of ``model`` (BatchNorm statistics, queue keys / ids / pointers)."""
         buffers = list(model.buffers())
+        self._float_buffers = [b for b in buffers if b.is_floating_point() and b.numel()]
         if len(buffers) != len(self._saved) or any(
                 s.shape != b.shape or s.dtype != b.dtype or s.device != b.device
                 for s, b in zip(self._saved, buffers)):
             self._saved = [b.detach().clone() for b in buffers]
+            return
+        if not buffers:
             return
         with torch.no_grad():
             if hasattr(torch, "_foreach_copy_"):
@@ -86,7 +91,11 @@ class FiniteGuard:
 
     # -- the check -------------------------------------------------------------------------------
     def is_finite(self, loss: torch.Tensor, grad_norm: torch.Tensor, step: int = 0) -> bool:
-        """True when the loss and the (all-reduced) gradient norm are finite; one host sync.
+        """True when the loss, the (all-reduced) gradient norm and the buffers the forward pass
+        updated (as of :meth:`snapshot`) are finite; one host sync.
+
+        The buffers matter on their own: overflowing activations can turn a BatchNorm running
+        variance to Inf while the normalised loss stays finite.
 
         Args:
             loss: scalar total loss of the step.
@@ -94,6 +103,12 @@ class FiniteGuard:
         """
         loss, grad_norm = loss.detach().float(), grad_norm.detach().float().to(loss.device)
         bad = (~torch.isfinite(loss)).to(torch.int32) * 2 + (~torch.isfinite(grad_norm)).to(torch.int32)
+        if self._float_buffers:
+            # one fused kernel on CUDA; a NaN/Inf element makes its tensor's norm NaN/Inf
+            norms = torch._foreach_norm(self._float_buffers) if hasattr(torch, "_foreach_norm") \
+                else [b.norm() for b in self._float_buffers]
+            total = torch.stack([n.float().to(loss.device) for n in norms]).sum()
+            bad = bad + (~torch.isfinite(total)).to(torch.int32) * 4
         if self.world > 1:
             import torch.distributed as dist
             dist.all_reduce(bad, op=dist.ReduceOp.MAX)  # every rank skips together
@@ -115,7 +130,7 @@ class FiniteGuard:
         self.restore(model)
         self.skipped += 1
         self.last_skipped = True
-        loss_finite = self._bad < 2
+        loss_finite = not self._bad & 2
         scaler_overflow = False
         if self.fp16_scaler is not None and loss_finite:
             # the scaled gradient overflowed; the scaler lowers its scale in update()
@@ -132,9 +147,13 @@ class FiniteGuard:
     def likely_cause(self, model: torch.nn.Module, loss_finite: bool, lr: float, grad_clip: float) -> str:
         """A short diagnosis from what the run has seen (weights, last finite step, precision)."""
         with torch.no_grad():
-            top = max((float(p.detach().abs().max()) for p in model.parameters()
-                       if p.numel() and torch.isfinite(p).all()), default=0.0)
+            params = [p.detach() for p in model.parameters() if p.numel()]
+            broken = sum(not bool(torch.isfinite(p).all()) for p in params)
+            top = max((float(p.abs().max()) for p in params if torch.isfinite(p).all()), default=0.0)
         hints = []
+        if broken:
+            hints.append(f"{broken} weight tensors already hold NaN/Inf (an optimiser step overflowed: "
+                         f"learning rate too high, optim.lr = {lr:g})")
         if self.amp == torch.float16:
             hints.append("fp16 overflow (set optim.amp to bf16 or off)")
         if self._last_finite is None:
@@ -150,6 +169,9 @@ class FiniteGuard:
                          f"to {grad_clip:g}; optim.lr = {lr:g})")
         if not loss_finite:
             hints.append("the loss itself is non-finite")
+        if self._bad & 4:
+            hints.append("activations overflowed into a buffer (a BatchNorm running statistic or a "
+                         "momentum queue) during the forward pass")
         return "; ".join(hints)
 
     # -- checkpoints -----------------------------------------------------------------------------
