@@ -97,7 +97,7 @@ class Ctx:
 def make_ctx(tmp: Path, base: tuple[Path, Path], group: str) -> Ctx:
     data, run = base
     ctx = Ctx(tmp=tmp, data=tmp / "data", run=tmp / "run", images=tmp / "images", out=tmp / "out")
-    if group == "data":
+    if group in ("data", "start"):
         shutil.copytree(data, ctx.data)
     if group == "checkpoint":  # the run's own data, whose vocab.json it was trained with
         shutil.copytree(run.parent / "ck_data", ctx.data)
@@ -153,7 +153,7 @@ def _jpeg_bytes(ctx: Ctx, name: str, keep: float) -> None:
 @dataclass
 class Case:
     id: str
-    group: str                     # data, images, config, checkpoint
+    group: str                     # data, images, config, start, checkpoint
     input: str                     # what is wrong, in words (for the docs table)
     error: type
     names: str                     # must appear in the message (file or field)
@@ -186,7 +186,7 @@ def _from_dict(**dotted: Any) -> Callable[[Ctx], Any]:
     return trigger
 
 
-DEFAULT_TRIGGER = {"data": _train, "checkpoint": _train, "images": _extract}
+DEFAULT_TRIGGER = {"data": _train, "start": _train, "checkpoint": _train, "images": _extract}
 
 CASES: list[Case] = [
     # -- precomputed data files (Trainer -> prepare_data) ----------------------------------
@@ -301,7 +301,7 @@ CASES: list[Case] = [
     Case("config_bool_as_string", "config", "`momentum.enabled = \"yes\"`", ConfigError,
          "momentum.enabled", r"expected true/false", trigger=_from_dict(**{"momentum.enabled": "yes"})),
     Case("config_negative_queue", "config", "`momentum.queue_size = -8`", ConfigError,
-         "momentum.queue_size", r"must be > 0, got -8",
+         "momentum.queue_size", r"must be in \[1, 2\^24\], got -8",
          trigger=_from_dict(**{"momentum.queue_size": -8})),
     Case("config_queue_below_batch", "config", "queue 64 < batch 128", ConfigError,
          "momentum.queue_size", r"queue \(64\) is smaller than the batch \(128\)",
@@ -314,6 +314,36 @@ CASES: list[Case] = [
     Case("config_json_broken", "config", "config file with a JSON syntax error", ConfigError,
          "cfg.json", r"not valid JSON", lambda c: (c.tmp / "cfg.json").write_text('{"optim": {'),
          trigger=lambda c: ExperimentConfig.from_json(c.tmp / "cfg.json")),
+    Case("config_lr_nan", "config", "`optim.lr = NaN` (JSON's NaN literal)", ConfigError, "optim.lr",
+         r"must be a finite number", trigger=_from_dict(**{"optim.lr": float("nan")})),
+    Case("config_grad_clip_inf", "config", "`optim.grad_clip = Infinity`", ConfigError, "optim.grad_clip",
+         r"must be a finite number", trigger=_from_dict(**{"optim.grad_clip": float("inf")})),
+    Case("config_grad_clip_negative", "config", "`optim.grad_clip = -2` (would flip the gradient)",
+         ConfigError, "optim.grad_clip", r"must be in \(0, .*negative flips the gradient",
+         trigger=_from_dict(**{"optim.grad_clip": -2.0})),
+    Case("config_lr_decay_negative", "config", "`optim.lr_decay = -0.1` (negative learning rate)",
+         ConfigError, "optim.lr_decay", r"must be in \(0, 1\].*negative flips the lr's sign",
+         trigger=_from_dict(**{"optim.lr_decay": -0.1})),
+    Case("config_log_every_zero", "config", "`log_every = 0` (was a ZeroDivisionError)", ConfigError,
+         "log_every", r"must be >= 1, got 0", trigger=_from_dict(**{"log_every": 0})),
+    Case("config_eval_every_zero", "config", "`eval_every = 0` (was a ZeroDivisionError after an epoch)",
+         ConfigError, "eval_every", r"must be >= 1, got 0", trigger=_from_dict(**{"eval_every": 0})),
+    Case("config_lr_times_weight_decay", "config", "`optim.lr = 2`, `optim.weight_decay = 1`",
+         ConfigError, "optim.weight_decay", r"lr x weight_decay = 2 >= 1",
+         trigger=_from_dict(**{"optim.lr": 2.0, "optim.weight_decay": 1.0})),
+    Case("config_gpo_dim_odd", "config", "`model.gpo_dim = 33` (odd)", ConfigError, "model.gpo_dim",
+         r"even, got 33", trigger=_from_dict(**{"model.gpo_dim": 33})),
+    Case("config_online_one_branch", "config", "online schedule with `boost.num_branches = 1`",
+         ConfigError, "boost.num_branches", r"nothing to learn from",
+         trigger=_from_dict(**{"boost.schedule": "online", "boost.num_branches": 1})),
+    Case("config_device_name", "config", "`optim.device = \"gpu\"`", ConfigError, "optim.device",
+         r"'gpu' is not a device name", trigger=_from_dict(**{"optim.device": "gpu"})),
+    # -- configs that only the data or the machine can refute (Trainer start) ------------------
+    Case("config_batch_larger_than_split", "start", "`data.batch_size = 128` for 120 training captions",
+         ConfigError, "data.batch_size", r"128 x 1 process\(es\) is more than the training split's "
+         r"120 captions .*0 steps", overrides={"data.batch_size": 128, "momentum.queue_size": 128}),
+    Case("config_device_unavailable", "start", "`optim.device = \"cuda:99\"`", ConfigError, "optim.device",
+         r"'cuda:99' requested but this machine has", overrides={"optim.device": "cuda:99"}),
     # -- checkpoints (resume in Trainer(...), load_model) -------------------------------------
     Case("ckpt_model_file_missing", "checkpoint", "`last` names a folder without model.safetensors",
          CheckpointError, "last.txt", r"points at last-\d+, which has no model.safetensors",
@@ -376,6 +406,11 @@ CLI_CASES: list[CliCase] = [
     CliCase("cli_extract_missing_captions", "`userlab extract --captions missing.txt`",
             ["extract", "--images", "__TMP__", "--captions", "__TMP__/missing.txt", "--out", "__TMP__/out"],
             "missing.txt", r"captions file is missing"),
+    CliCase("cli_set_lr_nan", "`userlab train --set optim.lr=NaN`",
+            ["train", "--set", "optim.lr=NaN", "--run-dir", "__TMP__/run"], "optim.lr",
+            r"must be a finite number"),
+    CliCase("cli_set_log_every_zero", "`userlab train --set log_every=0`",
+            ["train", "--set", "log_every=0", "--run-dir", "__TMP__/run"], "log_every", r"must be >= 1"),
 ]
 
 
@@ -635,6 +670,7 @@ def write_doc() -> None:
     titles = {"data": "Precomputed data files (`Trainer(cfg)` → `prepare_data`)",
               "images": "Image folders (`userlab.data.features.extract_folder`)",
               "config": "Configurations (`ExperimentConfig.from_dict` / `from_json`)",
+              "start": "Configurations the data or the machine refute (`Trainer(cfg)`, before data is read)",
               "checkpoint": "Checkpoints (resume in `Trainer(cfg)`, `load_model`)",
               "cli": "Command line (`python -m userlab ...`)"}
     n = len(CASES) + len(CLI_CASES)
@@ -656,6 +692,10 @@ def write_doc() -> None:
         "NaN/Inf before training; larger files are checked on a sample of rows when opened and each",
         "row again when it is read, so a NaN deep inside a large file stops training when its batch",
         "comes up (still a `DataError` naming the file and row).",
+        "",
+        "The allowed range of every numeric config field, and the rules across fields, are in",
+        "`docs/config-ranges.md`; training that turns non-finite is stopped by the finite guard",
+        "described there (`NonFiniteError`).",
         "",
     ]
     for group, title in titles.items():

@@ -156,6 +156,7 @@ def test_range_edges_are_where_the_table_says(name):
     ("optim.lr", "NaN", "optim.lr", "expected a number"),
     ("optim.device", "gpu", "optim.device", "not a device name"),
     ("run_dir", " ", "run_dir", "must not be empty"),
+    ("model.gpo_dim", 3, "model.gpo_dim", "even"),
 ])
 def test_issue_cases_are_config_errors(dotted, value, field, word):
     with pytest.raises(ConfigError) as err:

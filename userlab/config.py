@@ -250,19 +250,24 @@ class Range:
     lo_open: bool = False
     hi_open: bool = False
     why: str = ""
+    multiple: int = 1               # integers only: must be a multiple of this
+
 
     def contains(self, x: float) -> bool:
         if not math.isfinite(x):
             return False
         above = x > self.lo if self.lo_open else x >= self.lo
         below = x < self.hi if self.hi_open else x <= self.hi
-        return above and below
+        return above and below and (self.multiple == 1 or x % self.multiple == 0)
 
     def text(self) -> str:
         """``[0, 1)``, ``> 0``, ``>= 1``: the range as a reader writes it."""
         if self.hi == INF:
-            return f"{'>' if self.lo_open else '>='} {_num(self.lo)}"
-        return f"{'(' if self.lo_open else '['}{_num(self.lo)}, {_num(self.hi)}{')' if self.hi_open else ']'}"
+            text = f"{'>' if self.lo_open else '>='} {_num(self.lo)}"
+        else:
+            text = f"{'(' if self.lo_open else '['}{_num(self.lo)}, {_num(self.hi)}{')' if self.hi_open else ']'}"
+        return text + (", even" if self.multiple == 2 else f", a multiple of {self.multiple}"
+                       if self.multiple > 1 else "")
 
 
 def _num(x: float) -> str:
@@ -273,8 +278,9 @@ def _num(x: float) -> str:
     return f"{x:g}" if isinstance(x, float) else str(x)
 
 
-def _r(lo: float = -INF, hi: float = INF, why: str = "", lo_open: bool = False, hi_open: bool = False) -> Range:
-    return Range(lo, hi, lo_open, hi_open, why)
+def _r(lo: float = -INF, hi: float = INF, why: str = "", lo_open: bool = False, hi_open: bool = False,
+       multiple: int = 1) -> Range:
+    return Range(lo, hi, lo_open, hi_open, why, multiple)
 
 
 _DIM = 2**16    # widths beyond this are typos (a 65536-wide GRU needs 50 GB), not experiments
@@ -296,7 +302,7 @@ RANGES: dict[str, Range] = {
     "model.sge_dropout": _r(0, 1, hi_open=True, why="dropout 1 drops everything"),
     "model.attention_lambda": _r(0, 1e4, lo_open=True, why="softmax scale; <= 0 attends to the least similar regions"),
     "model.mlp_hidden": _r(1, _DIM, why="hidden width"),
-    "model.gpo_dim": _r(1, 4096, why="GPO's GRU width"),
+    "model.gpo_dim": _r(2, 4096, multiple=2, why="GPO's positional-encoding width (sin/cos pairs)"),
     "model.word_dim": _r(1, _DIM, why="word embedding width"),
     "model.vocab_size": _r(0, 2**31 - 1, why="filled in from the vocabulary"),
     "model.text_dropout": _r(0, 1, hi_open=True, why="dropout 1 drops everything"),
