@@ -670,7 +670,7 @@ def write_doc() -> None:
     titles = {"data": "Precomputed data files (`Trainer(cfg)` → `prepare_data`)",
               "images": "Image folders (`userlab.data.features.extract_folder`)",
               "config": "Configurations (`ExperimentConfig.from_dict` / `from_json`)",
-              "start": "Configurations the data or the machine refute (`Trainer(cfg)`, before data is read)",
+              "start": "Configurations the data or the machine refute (`Trainer(cfg)`, before a row is scanned or a step taken)",
               "checkpoint": "Checkpoints (resume in `Trainer(cfg)`, `load_model`)",
               "cli": "Command line (`python -m userlab ...`)"}
     n = len(CASES) + len(CLI_CASES)

@@ -317,7 +317,7 @@ RANGES: dict[str, Range] = {
     "optim.lr": _r(0, lo_open=True, why="a negative or zero lr trains backwards or not at all; "
                                          "divergence at a high lr is caught by the finite guard"),
     "optim.text_lr_scale": _r(0, 1e3, why="0 freezes a transformer text encoder"),
-    "optim.weight_decay": _r(0, 1e3, why="negative decay grows the weights"),
+    "optim.weight_decay": _r(0, 1e3, why="decoupled decay per unit lr; negative grows the weights"),
     "optim.epochs": _r(1, 10**6, why="at least one epoch"),
     "optim.lr_step": _r(0, 10**6, why="0: constant lr"),
     "optim.lr_decay": _r(0, 1, lo_open=True, why="a decay factor; negative flips the lr's sign, > 1 grows it"),
@@ -379,7 +379,7 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
             raise ConfigError(name, f"expected {'an integer' if want_int else 'a number'}, got {value!r}")
         rng = RANGES[name]
         if not math.isfinite(value):
-            raise ConfigError(name, f"must be a finite number in {rng.text()}, got {value}")
+            raise ConfigError(name, f"must be a finite number, got {value} (allowed: {rng.text()})")
         if not rng.contains(value):
             raise ConfigError(name, f"must be {rng.text() if rng.hi == INF else 'in ' + rng.text()}, "
                                     f"got {value} ({rng.why})")
@@ -421,9 +421,8 @@ def _check_device_name(name: Any) -> None:
     import torch  # only here: reading a config should not need torch
     try:
         torch.device(name)
-    except (RuntimeError, ValueError) as exc:
-        raise ConfigError("optim.device", f"{name!r} is not a device name (auto, cpu, cuda, cuda:N, mps): "
-                                          f"{' '.join(str(exc).split())[:120]}") from None
+    except (RuntimeError, ValueError):
+        raise ConfigError("optim.device", f"{name!r} is not a device name (auto, cpu, cuda, cuda:N, mps)") from None
 
 
 def check_device(name: str) -> None:
