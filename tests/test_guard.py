@@ -4,6 +4,7 @@ always survives pruning."""
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -198,3 +199,32 @@ def test_buffer_overflow_with_a_finite_loss_is_caught_and_undone():
     assert not guard.is_finite(torch.tensor(0.3), torch.tensor(1.0), 0)
     guard.skip(bn, 0, torch.tensor(0.3), {}, 1e-3, 2.0)
     assert all(torch.equal(before[k], v) for k, v in bn.state_dict().items())
+
+
+@pytest.mark.slow
+def test_ddp_ranks_skip_a_nonfinite_step_together(tmp_path):
+    """Only rank 1 sees step 1 go non-finite (a BatchNorm statistic); both ranks skip it (the
+    decision is all-reduced) and end with identical weights and queues. Without the all-reduce
+    rank 0 would step and rank 1 would not, and their weights would part."""
+    import os
+    import subprocess
+    import sys
+    root_dir = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": f"{root_dir}{os.pathsep}{root_dir / 'tests'}", "OMP_NUM_THREADS": "1"}
+    root = tiny_data(tmp_path / "data", n_train=40)
+    cfg = tiny_config(root, tmp_path / "run", **{"momentum.queue_size": 64})
+    cfg.to_json(tmp_path / "cfg.json")
+    out = tmp_path / "out"
+    out.mkdir()
+    torchrun = Path(sys.executable).with_name("torchrun")
+    subprocess.run([str(torchrun), "--nproc_per_node=2", "--master_port", str(29600 + os.getpid() % 1000),
+                    str(root_dir / "tests" / "ddp_nan_worker.py"), str(tmp_path / "cfg.json"), str(out), "3"],
+                   env=env, check=True, capture_output=True, timeout=300)
+    r0, r1 = (torch.load(out / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    assert r0["skipped"] == r1["skipped"] == 1
+    assert torch.equal(r0["image_keys"], r1["image_keys"])
+    for k in r0["encoder"]:
+        if "running" in k or "num_batches" in k:
+            continue  # BatchNorm statistics are per rank
+        assert torch.allclose(r0["encoder"][k], r1["encoder"][k], atol=1e-6), k
+        assert torch.isfinite(r0["encoder"][k]).all(), k
