@@ -19,7 +19,7 @@ def parse_value(text: str) -> Any:
     """``--set`` values: JSON when it parses (numbers, true/false, null), else the string."""
     try:
         return json.loads(text)
-    except json.JSONDecodeError:
+    except ValueError:  # not JSON (or a number too long for Python to parse): the string itself
         return text
 
 

@@ -4,7 +4,8 @@ One dataclass per concern; :class:`ExperimentConfig` groups them. Defaults are U
 settings (method notes, sections 2.4-2.6) and DBL's (section 4); :func:`preset` gives F30K,
 COCO and a small CPU demo configuration. Every run writes its config next to its checkpoint
 (``config.json``); :func:`ExperimentConfig.from_dict` rejects unknown keys and wrong types with a
-:class:`~userlab.errors.ConfigError` that names the field.
+:class:`~userlab.errors.ConfigError` that names the field, and :func:`validate` checks every
+numeric field against its range in :data:`RANGES` (``docs/config-ranges.md``), refusing NaN/Inf.
 """
 from __future__ import annotations
 
@@ -164,7 +165,7 @@ class ExperimentConfig:
             data = json.loads(path.read_text(encoding="utf-8"))
         except FileNotFoundError:
             raise ConfigError(str(path), "file not found") from None
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        except (ValueError, UnicodeDecodeError) as exc:  # JSONDecodeError, or a number too long to parse
             raise ConfigError(str(path), f"not valid JSON ({exc})") from None
         if not isinstance(data, dict):
             raise ConfigError(str(path), "top level must be a JSON object")
@@ -205,6 +206,12 @@ def _from_dict(cls: type, data: dict[str, Any], prefix: str) -> Any:
     return cls(**kwargs)
 
 
+def _show(value: Any, limit: int = 40, repr_: bool = True) -> str:
+    """A value for an error message, cut short (a pasted 5000-digit number stays one line)."""
+    text = repr(value) if repr_ else str(value)
+    return text if len(text) <= limit else f"{text[:limit - 13]}...({len(text)} chars)"
+
+
 def _coerce(hint: Any, value: Any, name: str) -> Any:
     if dataclasses.is_dataclass(hint):
         return _from_dict(hint, value, name + ".")
@@ -216,19 +223,22 @@ def _coerce(hint: Any, value: Any, name: str) -> Any:
         return _coerce(args[0], value, name)
     if hint is bool:
         if not isinstance(value, bool):
-            raise ConfigError(name, f"expected true/false, got {value!r}")
+            raise ConfigError(name, f"expected true/false, got {_show(value)}")
         return value
     if hint is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(name, f"expected an integer, got {value!r}")
+            raise ConfigError(name, f"expected an integer, got {_show(value)}")
         return value
     if hint is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(name, f"expected a number, got {value!r}")
-        return float(value)
+            raise ConfigError(name, f"expected a number, got {_show(value)}")
+        try:
+            return float(value)
+        except OverflowError:  # a JSON integer with hundreds of digits
+            raise ConfigError(name, f"{_show(value)} is too large for a number") from None
     if hint is str:
         if not isinstance(value, str):
-            raise ConfigError(name, f"expected a string, got {value!r}")
+            raise ConfigError(name, f"expected a string, got {_show(value)}")
         return value
     return value
 
@@ -252,9 +262,8 @@ class Range:
     why: str = ""
     multiple: int = 1               # integers only: must be a multiple of this
 
-
     def contains(self, x: float) -> bool:
-        if not math.isfinite(x):
+        if isinstance(x, float) and not math.isfinite(x):
             return False
         above = x > self.lo if self.lo_open else x >= self.lo
         below = x < self.hi if self.hi_open else x <= self.hi
@@ -283,7 +292,7 @@ def _r(lo: float = -INF, hi: float = INF, why: str = "", lo_open: bool = False, 
     return Range(lo, hi, lo_open, hi_open, why, multiple)
 
 
-_DIM = 2**16    # widths beyond this are typos (a 65536-wide GRU needs 50 GB), not experiments
+_DIM = 2**16    # wider is a typo, not an experiment: a GRU that wide holds 3·2^32 weights (51 GB) per direction
 
 #: The range of every numeric field (dotted name). ``tests/test_config.py`` checks that no numeric
 #: field is missing, and ``docs/config-ranges.md`` is generated from this table.
@@ -367,7 +376,7 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
     """
     def choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
         if value not in allowed:
-            raise ConfigError(name, f"{value!r} is not one of {', '.join(allowed)}")
+            raise ConfigError(name, f"{_show(value)} is not one of {', '.join(allowed)}")
 
     for name, hint in numeric_fields().items():
         value = _get(cfg, name)
@@ -376,13 +385,13 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
             continue
         want_int = int in (typing.get_args(hint) or (hint,))
         if isinstance(value, bool) or not isinstance(value, (int, float)) or (want_int and not isinstance(value, int)):
-            raise ConfigError(name, f"expected {'an integer' if want_int else 'a number'}, got {value!r}")
+            raise ConfigError(name, f"expected {'an integer' if want_int else 'a number'}, got {_show(value)}")
         rng = RANGES[name]
-        if not math.isfinite(value):
-            raise ConfigError(name, f"must be a finite number, got {value} (allowed: {rng.text()})")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(name, f"must be a finite number, got {_show(value, repr_=False)} (allowed: {rng.text()})")
         if not rng.contains(value):
             raise ConfigError(name, f"must be {rng.text() if rng.hi == INF else 'in ' + rng.text()}, "
-                                    f"got {value} ({rng.why})")
+                                    f"got {_show(value, repr_=False)} ({rng.why})")
     choice("model.enhancement", cfg.model.enhancement, ENHANCEMENTS)
     choice("model.text_encoder", cfg.model.text_encoder, TEXT_ENCODERS)
     choice("loss.objective", cfg.loss.objective, OBJECTIVES)
