@@ -42,3 +42,19 @@ class CheckpointError(UserlabError, RuntimeError):
         self.path = None if path is None else str(path)
         self.problem = problem
         super().__init__(f"{self.path}: {problem}" if self.path else problem)
+
+
+class RunLockedError(UserlabError, RuntimeError):
+    """Another process is training in this run folder (the folder's advisory lock is held).
+
+    Args:
+        path: the run folder.
+        holder: who holds it (``pid N on HOST since TIME``), when known.
+    """
+
+    def __init__(self, path: str | os.PathLike, holder: str | None = None):
+        self.path = str(path)
+        self.holder = holder
+        who = f" by {holder}" if holder else " by another process"
+        super().__init__(f"{self.path}: run folder is in use{who}; wait for that run to finish, "
+                         f"stop it, or choose another --run-dir")
