@@ -58,3 +58,9 @@ class RunLockedError(UserlabError, RuntimeError):
         who = f" by {holder}" if holder else " by another process"
         super().__init__(f"{self.path}: run folder is in use{who}; wait for that run to finish, "
                          f"stop it, or choose another --run-dir")
+
+
+class DataMismatchError(DataError):
+    """Data that is well-formed but not the data it should be: a split that differs from the one a
+    run was trained beside, runs of an ensemble evaluated on different data, a vocabulary built
+    from other captions."""
