@@ -329,6 +329,7 @@ class Trainer:
         if self.rank == 0:
             # A step row carries the step count *before* its step, an eval row the epochs done;
             # rows the resumed run will write again must go, or a kill leaves duplicates.
+            self.step_log._read(), self.eval_log._read()  # both readable before either is rewritten
             self.step_log.truncate_after(self.step - 1)
             self.eval_log.truncate_after(self.epoch)
             history = self.eval_log._read()

@@ -89,6 +89,11 @@ def load_image(path: str | os.PathLike) -> Image.Image:
         with Image.open(path) as img:
             img.load()
             return to_rgb(img)
+    except Image.DecompressionBombError as err:
+        # a few bytes that claim billions of pixels: decoding would exhaust memory
+        raise DataError(path, f"refused: the image claims more pixels than Pillow's decompression-bomb "
+                              f"limit (Image.MAX_IMAGE_PIXELS = {Image.MAX_IMAGE_PIXELS}); "
+                              f"{' '.join(str(err).split())[:160]}") from None
     except (OSError, ValueError) as err:
         raise DataError(path, f"cannot read image: {err}") from None
 
