@@ -390,8 +390,9 @@ class PrecompDataset(Dataset):
         first = image * CAPTIONS_PER_IMAGE
         rows = (np.asarray(self.ims[first: first + CAPTIONS_PER_IMAGE]) if block is None
                 else block[first - start: first - start + CAPTIONS_PER_IMAGE])
+        if np.isnan(rows).any():
+            return  # reported as NaN by the finiteness checks, which name the row
         same = (rows == rows[:1]).reshape(len(rows), -1).all(axis=1)
-        same |= np.isnan(rows).reshape(len(rows), -1).any(axis=1)  # NaN rows are reported as NaN
         if not same.all():
             other = first + int(np.argmin(same))
             raise DataError(self.ims_path, f"one feature row per caption ({self.ims.shape[0]} rows for "
