@@ -3,6 +3,7 @@ records what it changed, eval and ensembles refuse data that is not what the run
 from __future__ import annotations
 
 import json
+import re
 import os
 import shutil
 import signal
@@ -155,3 +156,23 @@ def test_eval_refuses_a_changed_split_and_ensembles_of_runs_on_different_data(tm
     data_c = tmp_path / "data_c"
     shutil.copytree(data_a, data_c)
     assert _eval([run_a, "--data", data_c], capsys)[0] == 0
+
+
+def test_eval_refuses_captions_the_run_vocabulary_does_not_know(tmp_path, capsys):
+    data = tiny_data(tmp_path / "data")
+    run = _trained(data, tmp_path / "run")
+    other = tmp_path / "other"
+    shutil.copytree(data, other)
+    n = len((other / "test_caps.txt").read_text().splitlines())
+    (other / "test_caps.txt").write_text("".join(f"ein kleines Boot Nummer {k}\n" for k in range(n)))
+    rc, _, err = _eval([run, "--data", other], capsys)
+    assert rc == 2 and "differs" in err  # the fingerprint catches it first
+    shutil.copy(other / "test_caps.txt", data / "test_caps.txt")
+    (run / "data.json").unlink()  # an older run without a fingerprint: the vocabulary check remains
+    for folder in (run / "checkpoints").iterdir():
+        if folder.is_dir():
+            (folder / "data.json").unlink()
+    rc, _, err = _eval([run], capsys)
+    assert rc == 2 and "vocab.json: knows only" in err and "of the" in err, err
+    assert re.search(r"knows only (\d+\.\d)% of the \d+ word tokens", err)
+    assert float(re.search(r"knows only (\d+\.\d)%", err).group(1)) < 50

@@ -65,18 +65,34 @@ def _array_fingerprint(path: Path) -> Optional[dict[str, Any]]:
 
 
 def split_fingerprint(folder: str | os.PathLike, split: str) -> dict[str, Any]:
-    """The fingerprint of one split (sizes, hashes, shapes, dtypes); see the module doc."""
-    from .data.precomp import PrecompDataset
-    ds = PrecompDataset(folder, split, validate=False)
-    return {
-        "images": ds.total_images, "captions": ds.total_images * 5,
-        "rows": int(ds.ims.shape[0]),
-        "captions_sha256": _sha256_file(ds.caps_path),
-        "ids_sha256": _sha256_file(ds.ids_path) if ds.ids_path.is_file() else None,
-        "ims": _array_fingerprint(ds.ims_path),
-        "guide": _array_fingerprint(ds.guide_path),
-        "boxes": _array_fingerprint(ds.boxes_path),
-    }
+    """The fingerprint of one split (sizes, hashes, shapes, dtypes); see the module doc.
+
+    Reads only headers, the caption and id files, and (sampled) array bytes; the split's
+    structure is validated where it is opened for use, not here.
+
+    Raises:
+        DataError: a file of the split is missing or not readable.
+    """
+    folder = Path(folder)
+    caps, ims = folder / f"{split}_caps.txt", folder / f"{split}_ims.npy"
+    ids = folder / f"{split}_ids.txt"
+    for path in (caps, ims):
+        if not path.is_file():
+            raise DataError(path, "missing")
+    try:
+        text = caps.read_bytes()
+        captions = text.count(b"\n") + (1 if text and not text.endswith(b"\n") else 0)
+        return {
+            "images": captions // 5, "captions": captions,
+            "rows": int(np.load(ims, mmap_mode="r", allow_pickle=False).shape[0]),
+            "captions_sha256": hashlib.sha256(text).hexdigest(),
+            "ids_sha256": _sha256_file(ids) if ids.is_file() else None,
+            "ims": _array_fingerprint(ims),
+            "guide": _array_fingerprint(folder / f"{split}_guide.npy"),
+            "boxes": _array_fingerprint(folder / f"{split}_boxes.npy"),
+        }
+    except (OSError, ValueError, EOFError) as exc:
+        raise DataError(folder / f"{split}_*", f"cannot fingerprint split '{split}': {exc}") from None
 
 
 def vocab_fingerprint(vocab: Any) -> Optional[dict[str, Any]]:
@@ -193,13 +209,14 @@ def vocab_coverage(vocab: Any, captions: list[str], sample: int = COVERAGE_SAMPL
 
 
 def check_vocab_coverage(vocab: Any, captions: list[str], vocab_path: str | os.PathLike,
-                         captions_path: str | os.PathLike, minimum: float = MIN_VOCAB_COVERAGE) -> float:
+                         captions_path: str | os.PathLike, minimum: float = MIN_VOCAB_COVERAGE,
+                         advice: str = "Delete it to rebuild it from these captions, or set "
+                                       "data.vocab_path to the right one") -> float:
     """Raise :class:`DataMismatchError` when ``vocab`` knows under ``minimum`` of the tokens."""
     coverage, total, unknown = vocab_coverage(vocab, captions)
     if total and coverage < minimum:
         raise DataMismatchError(vocab_path, f"knows only {100 * coverage:.1f}% of the {total} word tokens "
                                             f"of {captions_path} (at least {100 * minimum:.0f}% expected; "
                                             f"unknown e.g. {', '.join(unknown)}): it was built from other "
-                                            f"captions. Delete it to rebuild it from these captions, or set "
-                                            f"data.vocab_path to the right one")
+                                            f"captions. {advice}")
     return coverage

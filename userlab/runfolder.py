@@ -72,7 +72,11 @@ class RunFolderLock:
         try:
             lock.acquire()
         except Timeout:
-            raise RunLockedError(self.run_dir, self.holder()) from None
+            holder = self.holder()
+            if holder and holder.startswith(f"pid {os.getpid()} "):
+                holder += (" (this very process: another Trainer on the same folder, e.g. a notebook cell "
+                           "run twice; call .close() or .fit() on the first one, or del it)")
+            raise RunLockedError(self.run_dir, holder) from None
         self._lock = lock
         self._created = created
         owner = {"pid": os.getpid(), "host": socket.gethostname(),

@@ -14,7 +14,7 @@ from .data.precomp import PrecompDataset
 from .data.text import HFTokenizer, WordTokenizer
 from .errors import DataMismatchError
 from .evaluate import encode_split, evaluate_sims, similarity
-from .fingerprint import check_split, differences, read_fingerprint, split_fingerprint
+from .fingerprint import check_split, check_vocab_coverage, differences, read_fingerprint, split_fingerprint
 from .data.precomp import find_precomp_dir
 from .models.user import RetrievalModel
 from .pipeline import open_split
@@ -56,6 +56,13 @@ def eval_split_fingerprint(run: LoadedRun, split: str = "test", data_root: Optio
     actual = split_fingerprint(folder, split)
     check_split(read_fingerprint(run.folder) if run.folder else None, actual, split, name or run.folder,
                 folder / f"{split}_ims.npy", allow=allow_data_mismatch)
+    if run.vocab is not None and not allow_data_mismatch:
+        # the run's own vocabulary must know these captions' words (else nearly all are <unk>)
+        from .data.precomp import _read_lines
+        caps = folder / f"{split}_caps.txt"
+        check_vocab_coverage(run.vocab, _read_lines(caps, "captions file"), Path(run.folder or ".") / "vocab.json",
+                             caps, advice="Are these captions of the language/dataset the run was trained "
+                                          "on? Pass --allow-data-mismatch to evaluate anyway")
     actual["folder"] = str(folder.resolve())
     return actual
 

@@ -444,6 +444,10 @@ class Trainer:
                       batch_size=max(128, self.cfg.data.batch_size), progress=False)
         return {k: float(v) for k, v in df.iloc[0].items() if k != "protocol"}
 
+    def close(self) -> None:
+        """Release the run folder's lock (a Trainer that will not train after all)."""
+        self.lock.release()
+
     def fit(self) -> pd.DataFrame:
         """Train to ``optim.epochs`` (or ``max_steps``); returns dev metrics per epoch."""
         if self.rank == 0:
