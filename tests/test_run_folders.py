@@ -13,14 +13,13 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from tiny import tiny_config, tiny_data  # noqa: E402
 
 from userlab import checkpoint as ckpt  # noqa: E402
 from userlab import cli  # noqa: E402
-from userlab.errors import ConfigError, DataMismatchError, RunLockedError  # noqa: E402
+from userlab.errors import ConfigError, RunLockedError  # noqa: E402
 from userlab.runfolder import RunFolderLock  # noqa: E402
 from userlab.train import Trainer  # noqa: E402
 
