@@ -508,6 +508,9 @@ CLI_CASES: list[CliCase] = [
             setup=lambda tmp: (tmp / "notes.txt").write_text("x\n")),
     CliCase("cli_eval_unknown_protocol", "`userlab eval run --protocol f30k`", ["eval", "__TMP__/empty",
             "--protocol", "f30k"], "--protocol", r"'f30k' is not one of f30k_1k, coco_5k"),
+    CliCase("cli_extract_missing_gpu", "`userlab extract --device cuda:7`", ["extract", "--images", "__TMP__/imgs",
+            "--captions", "__TMP__/imgs/captions.txt", "--out", "__TMP__/out", "--device", "cuda:7"], "device",
+            r"'cuda:7'", setup=lambda tmp: write_image_folder(tmp / "imgs")),
     CliCase("cli_train_max_steps_zero", "`userlab train --max-steps 0`", ["train", "--max-steps", "0",
             "--run-dir", "__TMP__/run"], "--max-steps", r"must be >= 1, got 0"),
 ]

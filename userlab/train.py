@@ -42,6 +42,7 @@ from .losses import check_collapse
 from .models.boosted import BoostedModel
 from .models.user import RetrievalModel, build_model
 from .pipeline import DataBundle, EpochBatchSampler, lr_at_epoch, prepare_data
+from .devices import check_device
 from .runfolder import RunFolderLock, check_resume_config, move_run_aside
 
 
@@ -53,29 +54,6 @@ def pick_device(name: str = "auto") -> torch.device:
     if torch.cuda.is_available():
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
     return torch.device("cpu")
-
-
-def check_device(name: str, field: str = "optim.device") -> torch.device:
-    """``torch.device(name)`` after checking that this machine has it (else ConfigError)."""
-    from .errors import ConfigError
-    try:
-        device = torch.device(name)
-    except (RuntimeError, ValueError, TypeError) as exc:
-        raise ConfigError(field, f"{name!r} is not a device name (e.g. auto, cpu, cuda, cuda:0, mps): "
-                                 f"{' '.join(str(exc).split())[:120]}") from None
-    if device.type == "cuda":
-        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if count == 0:
-            raise ConfigError(field, f"{name!r} asks for a CUDA GPU, but this machine has none usable "
-                                     f"(torch.cuda.is_available() is False); use auto or cpu")
-        if device.index is not None and device.index >= count:
-            raise ConfigError(field, f"{name!r}: this machine has {count} CUDA GPU(s), numbered 0..{count - 1}")
-    elif device.type == "mps":
-        if not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-            raise ConfigError(field, f"{name!r}: Apple MPS is not available on this machine; use auto or cpu")
-    elif device.type != "cpu":
-        raise ConfigError(field, f"{name!r}: userlab trains on cpu, cuda or mps, not {device.type}")
-    return device
 
 
 def amp_dtype(setting: str, device: torch.device) -> Optional[torch.dtype]:
