@@ -38,7 +38,8 @@ from tiny import tiny_config, tiny_data  # noqa: E402
 from userlab import checkpoint as ckpt  # noqa: E402
 from userlab import cli  # noqa: E402
 from userlab.config import ExperimentConfig  # noqa: E402
-from userlab.errors import CheckpointError, ConfigError, DataError, UserlabError  # noqa: E402
+from userlab.errors import (CheckpointError, ConfigError, DataError, DataMismatchError,  # noqa: E402
+                            RunLockedError, UserlabError)
 from userlab.train import Trainer, load_model  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -89,6 +90,7 @@ class Ctx:
     run: Path         # the run folder: absent for data cases, a copy of the trained run otherwise
     images: Path      # a valid image folder with captions.txt
     out: Path         # extraction output folder (absent)
+    held_lock: Any = None
 
     def cfg(self, **overrides) -> ExperimentConfig:
         return tiny_config(self.data, self.run, **overrides)
@@ -374,6 +376,129 @@ CASES: list[Case] = [
 ]
 
 
+# -- issue 14: run folders, data identity, more raw tracebacks turned into named errors -------
+def _png_bomb(path: Path, width: int = 40_000, height: int = 40_000) -> None:
+    """A tiny PNG whose header claims ``width x height`` pixels (a decompression bomb)."""
+    import io
+    import struct
+    import zlib
+    buf = io.BytesIO()
+    Image.new("RGB", (1, 1)).save(buf, format="PNG")
+    data = bytearray(buf.getvalue())
+    ihdr = 8  # after the signature: length (4), b"IHDR" (4), width (4), height (4), ...
+    data[ihdr + 8: ihdr + 16] = struct.pack(">II", width, height)
+    body = bytes(data[ihdr + 4: ihdr + 8 + 13])
+    data[ihdr + 8 + 13: ihdr + 8 + 17] = struct.pack(">I", zlib.crc32(body) & 0xFFFFFFFF)
+    path.write_bytes(bytes(data))
+
+
+def _four_captions_per_caption_rows(ctx: Ctx) -> None:
+    """30 images x 4 captions, one feature row per caption: 120 rows for the 120 captions."""
+    per_image = np.random.default_rng(3).standard_normal((30, 4, 8)).astype(np.float32)
+    np.save(ctx.data / "train_ims.npy", np.repeat(per_image, 4, axis=0))
+
+
+def _other_vocab(ctx: Ctx) -> None:
+    from userlab.data.text import SPECIAL_TOKENS, Vocabulary
+    Vocabulary(list(SPECIAL_TOKENS) + ["zebra", "xylophone", "quartz", "a"]).save(ctx.data / "vocab.json")
+
+
+def _swap_vocab_words(ctx: Ctx) -> None:
+    """Same size, two word ids swapped: shapes still match, meanings do not."""
+    import json
+    path = ctx.data / "vocab.json"
+    payload = json.loads(path.read_text(encoding="utf-8"))
+    words = payload["idx2word"]
+    words[-1], words[-2] = words[-2], words[-1]
+    path.write_text(json.dumps(payload), encoding="utf-8")
+
+
+def _hold_lock(ctx: Ctx) -> None:
+    from userlab.runfolder import RunFolderLock
+    ctx.held_lock = RunFolderLock(ctx.run).acquire()
+
+
+def _train_locked(ctx: Ctx) -> Any:
+    assert ctx.held_lock.held  # the holder keeps it (and its owner note) through the attempt
+    return Trainer(ctx.cfg(), progress=False)
+
+
+def _save_on_full_disk(ctx: Ctx) -> Any:
+    import errno
+
+    def full(obj, f, *args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(f))
+    real = torch.save
+    torch.save = full
+    try:
+        return ckpt.save_checkpoint(ctx.run, "last", 7, {"w": torch.zeros(2)}, {"step": 7}, "{}\n")
+    finally:
+        torch.save = real
+
+
+def _change_one_caption(ctx: Ctx) -> None:
+    _rewrite_lines(ctx.data / "train_caps.txt", lambda ls: [ls[1]] + ls[1:])
+
+
+CASES += [
+    Case("vocab_from_other_captions", "data", "`vocab.json` built from other captions (4 words)",
+         DataMismatchError, "vocab.json", r"knows only \d+\.\d% of the \d+ word tokens of .*train_caps\.txt",
+         _other_vocab),
+    Case("per_caption_rows_4_per_image", "data", "30 images x 4 captions, one feature row per caption "
+         "(120 rows, 120 captions: would group as 24 x 5)", DataError, "train_ims.npy",
+         r"rows 0 and 4 \(image 0, captions 0\.\.4\) differ", _four_captions_per_caption_rows),
+    Case("ims_float64_beyond_float32", "data", "float64 features, 1e300 in row 13 (not sampled)", DataError,
+         "train_ims.npy", r"row 13 holds values beyond float32's range",
+         lambda c: _edit_npy(c.data / "train_ims.npy", lambda a: _set(a.astype(np.float64), (13, 0, 0), 1e300))),
+    Case("guide_float64_beyond_float32", "data", "float64 guide, -1e39 in row 20", DataError,
+         "train_guide.npy", r"row 20 holds values beyond float32's range",
+         lambda c: _edit_npy(c.data / "train_guide.npy", lambda a: _set(a.astype(np.float64), (20, 1), -1e39))),
+    Case("boxes_nan", "data", "NaN in `train_boxes.npy` row 9", DataError, "train_boxes.npy",
+         r"region boxes row 9 holds NaN or Inf",
+         lambda c: np.save(c.data / "train_boxes.npy", _set(np.ones((24, 4, 4), np.float32), (9, 2, 1), np.nan))),
+    Case("image_decompression_bomb", "images", "`b.jpg` is a 200-byte PNG claiming 40000 x 40000 pixels",
+         DataError, "b.jpg", r"decompression-bomb limit", lambda c: _png_bomb(c.images / "b.jpg")),
+    Case("device_missing_gpu", "config", "`optim.device = \"cuda:7\"`", ConfigError, "optim.device",
+         r"'cuda:7'", trigger=lambda c: Trainer(c.cfg(**{"optim.device": "cuda:7"}), progress=False)),
+    Case("device_unknown", "config", "`optim.device = \"tpu\"`", ConfigError, "optim.device",
+         r"'tpu' is not a device name", trigger=lambda c: Trainer(c.cfg(**{"optim.device": "tpu"}), progress=False)),
+    Case("log_binary", "checkpoint", "`train_log.csv` holds random bytes", DataError, "train_log.csv",
+         r"training log is not (UTF-8 text|a readable CSV)",
+         lambda c: (c.run / "train_log.csv").write_bytes(np.random.default_rng(1).bytes(300))),
+    Case("log_blank", "checkpoint", "`eval_log.csv` holds only blank lines", DataError, "eval_log.csv",
+         r"training log is not a readable CSV", lambda c: (c.run / "eval_log.csv").write_text("\n\n\n")),
+    Case("log_foreign_csv", "checkpoint", "`train_log.csv` is some other CSV (no `step` column)", DataError,
+         "train_log.csv", r"has no 'step' column", lambda c: (c.run / "train_log.csv").write_text("a,b\n1,2\n")),
+    Case("pointer_not_utf8", "checkpoint", "`last.txt` holds bytes `ff fe`", CheckpointError, "last.txt",
+         r"is not UTF-8 text", lambda c: (c.run / "checkpoints" / "last.txt").write_bytes(b"\xff\xfelast\n")),
+    Case("best_pointer_not_utf8", "checkpoint", "`best.txt` undecodable (`load_model`)", CheckpointError,
+         "best.txt", r"is not UTF-8 text", lambda c: (c.run / "checkpoints" / "best.txt").write_bytes(b"\x80\x81"),
+         trigger=lambda c: load_model(c.run, tag="best")),
+    Case("pointer_leaves_folder", "checkpoint", "`last.txt` holds `../../elsewhere`", CheckpointError, "last.txt",
+         r"should hold one checkpoint folder name",
+         lambda c: (c.run / "checkpoints" / "last.txt").write_text("../../elsewhere\n")),
+    Case("ckpt_vocab_missing", "checkpoint", "checkpoint without `vocab.json` (`load_model`, GRU text encoder)",
+         CheckpointError, "vocab.json", r"missing: the checkpoint's GRU text encoder needs the vocabulary",
+         lambda c: (_ckpt_folder(c) / "vocab.json").unlink(), trigger=lambda c: load_model(c.run, tag="last")),
+    Case("resume_changed_lr", "checkpoint", "resume with `optim.lr = 0.01` (saved: 0.001)", ConfigError,
+         "optim.lr", r"trained with 0\.001, this run asks for 0\.01.*--allow-config-change",
+         overrides={"optim.lr": 0.01}),
+    Case("resume_changed_grad_clip", "checkpoint", "resume with `optim.grad_clip = 5` and batch 4", ConfigError,
+         "data.batch_size", r"trained with 8, this run asks for 4 \(and 1 more: optim\.grad_clip\)",
+         overrides={"optim.grad_clip": 5.0, "data.batch_size": 4}),
+    Case("resume_changed_captions", "checkpoint", "resume after one train caption was replaced", DataMismatchError,
+         "train_ims.npy", r"split 'train' differs from the one the checkpoint .* captions file hash",
+         _change_one_caption),
+    Case("resume_vocab_reordered", "checkpoint", "resume with two word ids of `vocab.json` swapped",
+         DataMismatchError, "vocab.json", r"vocabulary differs from this run's", _swap_vocab_words),
+    Case("run_folder_locked", "checkpoint", "a second Trainer while another holds the run folder",
+         RunLockedError, "run", r"run folder is in use by pid \d+ on .* since", _hold_lock, trigger=_train_locked),
+    Case("disk_full_during_save", "checkpoint", "`save_checkpoint` with the disk full (ENOSPC)", CheckpointError,
+         "state.pt", r"could not write the last checkpoint of step 7: No space left on device.*previous last "
+         r"checkpoint is intact", trigger=_save_on_full_disk),
+]
+
+
 @dataclass
 class CliCase:
     id: str
@@ -382,6 +507,7 @@ class CliCase:
     names: str
     problem: str
     subprocess: bool = False       # run ``python -m userlab`` for real (slower) or cli.main()
+    setup: Callable[[Path], Any] = lambda tmp: None
 
 
 CLI_CASES: list[CliCase] = [
@@ -411,6 +537,17 @@ CLI_CASES: list[CliCase] = [
             r"must be a finite number"),
     CliCase("cli_set_log_every_zero", "`userlab train --set log_every=0`",
             ["train", "--set", "log_every=0", "--run-dir", "__TMP__/run"], "log_every", r"must be >= 1"),
+    CliCase("cli_eval_csv_unwritable", "`userlab eval run --csv notes.txt/metrics.csv` (notes.txt is a file)",
+            ["eval", "__TMP__/empty", "--csv", "__TMP__/notes.txt/metrics.csv"], "metrics.csv",
+            r"--csv: .*notes\.txt is a file, not a folder",
+            setup=lambda tmp: (tmp / "notes.txt").write_text("x\n")),
+    CliCase("cli_eval_unknown_protocol", "`userlab eval run --protocol f30k`", ["eval", "__TMP__/empty",
+            "--protocol", "f30k"], "--protocol", r"'f30k' is not one of f30k_1k, coco_5k"),
+    CliCase("cli_extract_missing_gpu", "`userlab extract --device cuda:7`", ["extract", "--images", "__TMP__/imgs",
+            "--captions", "__TMP__/imgs/captions.txt", "--out", "__TMP__/out", "--device", "cuda:7"], "device",
+            r"'cuda:7'", setup=lambda tmp: write_image_folder(tmp / "imgs")),
+    CliCase("cli_train_max_steps_zero", "`userlab train --max-steps 0`", ["train", "--max-steps", "0",
+            "--run-dir", "__TMP__/run"], "--max-steps", r"must be >= 1, got 0"),
 ]
 
 
@@ -474,6 +611,7 @@ def _cli_argv(case: CliCase, tmp: Path) -> list[str]:
 
 def run_cli_case(case: CliCase, tmp: Path, capsys=None) -> tuple[int, str, str]:
     (tmp / "empty").mkdir(exist_ok=True)
+    case.setup(tmp)
     argv = _cli_argv(case, tmp)
     before = tree(tmp)
     if case.subprocess:
@@ -657,6 +795,9 @@ def write_doc() -> None:
             err = run_case(case, tmp, base_)
             msg = check_message(err, case.error, case.names, case.problem)
             msg = msg.replace(str(tmp) + "/", "…/").replace(str(tmp), "…")
+            # what changes from run to run: pid, host, time, temporary names
+            msg = re.sub(r"pid \d+ on \S+ since [\d-]+ [\d:]+", "pid N on HOST since TIME", msg)
+            msg = re.sub(r"/\.(last|best)-\w{8}/", r"/.\1-XXXXXXXX/", msg)
             rows_by_group.setdefault(case.group, []).append(
                 f"| `{case.id}` | {_cell(case.input)} | `{type(err).__name__}` | {_cell(msg)} |")
         for k, case in enumerate(CLI_CASES):
@@ -680,8 +821,9 @@ def write_doc() -> None:
         "<!-- generated by `.venv/bin/python tests/test_bad_inputs.py`; do not edit by hand -->",
         "",
         f"{n} malformed inputs, each checked by `tests/test_bad_inputs.py`. For every one, userlab",
-        "raises a `userlab.errors.UserlabError` subclass (`DataError`, `ConfigError`,",
-        "`CheckpointError`) whose one-line message names the file or config field and the problem.",
+        "raises a `userlab.errors.UserlabError` subclass (`DataError` and its `DataMismatchError`,",
+        "`ConfigError`, `CheckpointError`, `RunLockedError`) whose one-line message names the file or",
+        "config field and the problem.",
         "The error comes before any training starts (while `Trainer(...)` is being built, or before",
         "`extract_folder` writes anything), and the case's folders are left exactly as they were:",
         "no log, no checkpoint, no temporary file, no `vocab.json` written into a broken data folder.",
@@ -713,7 +855,14 @@ def write_doc() -> None:
         "features are finite but carry no content. Decided so because refusing would stop a whole folder "
         "for one thumbnail; filter such images beforehand if they matter |",
         "| captions with CRLF line ends or a UTF-8 byte-order mark | read as plain lines |",
-        "| float16 (or float64) features | read and cast to float32 per row |",
+        "| float16 (or float64) features | read and cast to float32 per row (float64 values beyond float32's "
+        "range are refused before training, see `ims_float64_beyond_float32`) |",
+        "| a 0-byte `train_log.csv` / `eval_log.csv` in a run folder | treated as no log yet: a process killed "
+        "between creating the log and writing its first row leaves exactly this, so refusing it would "
+        "block an honest resume (blank lines or other content are errors, see `log_blank`) |",
+        "| `eval` on a split that changed since training, or an ensemble of runs that read different data | "
+        "refused (`DataMismatchError`, see `tests/test_run_folders.py`); `--allow-data-mismatch` "
+        "evaluates anyway |",
         "",
     ]
     DOC.write_text("\n".join(parts), encoding="utf-8")

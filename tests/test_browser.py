@@ -113,13 +113,39 @@ def test_lab_url_and_token():
 
 def test_lab_command_is_local_quiet_and_root_aware(monkeypatch, tmp_path):
     monkeypatch.setattr(lab_module.os, "geteuid", lambda: 1000)
-    cmd = lab_command(tmp_path, 8123, "tok")
+    cmd = lab_command(tmp_path, 8123)
     assert f"--ServerApp.ip={HOST}" in cmd and "--ServerApp.port=8123" in cmd
-    assert "--IdentityProvider.token=tok" in cmd and "--no-browser" in cmd
+    assert "--no-browser" in cmd
+    assert not any("token" in arg.lower() for arg in cmd)  # the token travels in the environment
     assert "--LabApp.news_url=None" in cmd and "--allow-root" not in cmd
     assert not any("disable_check_xsrf" in arg for arg in cmd)
     monkeypatch.setattr(lab_module.os, "geteuid", lambda: 0)
-    assert "--allow-root" in lab_command(tmp_path, 8123, "tok")
+    assert "--allow-root" in lab_command(tmp_path, 8123)
+
+
+def _cmdlines() -> dict[int, str]:
+    out = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                out[int(entry.name)] = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode("utf-8", "replace")
+            except OSError:
+                pass  # exited meanwhile
+    return out
+
+
+def test_lab_token_is_in_no_process_command_line(running_lab):
+    """The token reaches the server through its environment: no process on the machine shows it
+    in its argv (what ``ps`` shows every local user), while the server does accept it."""
+    if not Path("/proc/self/cmdline").exists():
+        pytest.skip("no /proc to read command lines from")
+    assert running_lab.running() and len(running_lab.token) >= 32
+    cmdlines = _cmdlines()
+    assert running_lab.process.pid in cmdlines and "jupyter" in cmdlines[running_lab.process.pid]
+    assert [pid for pid, line in cmdlines.items() if running_lab.token in line] == []
+    environ = Path(f"/proc/{running_lab.process.pid}/environ").read_bytes().split(b"\0")
+    assert f"JUPYTER_TOKEN={running_lab.token}".encode() in environ
+    assert _get(running_lab.api_url("api/status"))[0] == 200  # the environment token is the one in force
 
 
 def test_start_lab_rejects_bad_input(tmp_path):

@@ -101,7 +101,14 @@ def make_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train a model from a preset or config file")
     _add_config_args(p)
-    p.add_argument("--no-resume", action="store_true", help="start afresh even if run-dir has a checkpoint")
+    p.add_argument("--no-resume", action="store_true",
+                   help="start afresh even if run-dir has a checkpoint (the old run is moved to "
+                        "<run-dir>.old-<time>, not deleted)")
+    p.add_argument("--allow-config-change", action="store_true",
+                   help="on resume, apply config values that differ from the checkpoint's (recorded in "
+                        "config_changes.jsonl) instead of refusing")
+    p.add_argument("--allow-data-mismatch", action="store_true",
+                   help="on resume, continue although the data or vocabulary differ from the checkpoint's")
     p.add_argument("--max-steps", type=int, help="stop after this many steps")
     p.add_argument("--checkpoint-every", type=int, default=0, help="also checkpoint every N steps")
     p.add_argument("--no-progress", action="store_true")
@@ -119,12 +126,41 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--tag", default="best", help="best or last checkpoint")
     p.add_argument("--save-sims", help="write the similarity matrix (.npy) for later ensembles")
     p.add_argument("--csv", help="also write the metrics table here")
+    p.add_argument("--allow-data-mismatch", action="store_true",
+                   help="evaluate although the split differs from the one recorded at training, or the "
+                        "runs of an ensemble read different data")
     return parser
+
+
+def _check_writable(path: Optional[str], option: str) -> None:
+    """Fail before hours of work when an output file cannot be written (DataError naming it)."""
+    if not path:
+        return
+    import os
+    from .errors import DataError
+    target = Path(path)
+    if target.is_dir():
+        raise DataError(target, f"{option} names a folder; give a file name")
+    parent = target.parent if str(target.parent) else Path(".")
+    existing = parent
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise DataError(target, f"{option}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK) or (target.exists() and not os.access(target, os.W_OK)):
+        raise DataError(target, f"{option}: not writable (no write permission in {existing})")
+
+
+def _check_positive(value: Optional[int], option: str, allow_zero: bool = False) -> None:
+    if value is not None and (value < 0 or (value == 0 and not allow_zero)):
+        raise ConfigError(option, f"must be {'>= 0' if allow_zero else '>= 1'}, got {value}")
 
 
 def cmd_train(args: argparse.Namespace) -> int:
     import pandas as pd
     from .experiment import fit_experiment
+    _check_positive(args.max_steps, "--max-steps")
+    _check_positive(args.checkpoint_every, "--checkpoint-every", allow_zero=True)
     cfg = build_config(args)
     if args.boost_schedule:
         cfg = cfg.replace(**{"boost.schedule": args.boost_schedule})
@@ -132,7 +168,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         cfg = cfg.replace(**{"boost.strategy": args.boost_strategy})
     trainer = fit_experiment(cfg, resume=not args.no_resume, progress=not args.no_progress,
                              max_steps=args.max_steps, checkpoint_every=args.checkpoint_every,
-                             tensorboard=args.tensorboard)
+                             tensorboard=args.tensorboard, allow_config_change=args.allow_config_change,
+                             allow_data_mismatch=args.allow_data_mismatch)
     history = pd.DataFrame(trainer.history)
     if trainer.rank == 0 and len(history):
         print(history.tail(1).to_string(index=False))
@@ -142,8 +179,18 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from .evaluate import evaluate_ensemble, format_table, save_sims
-    from .runs import similarity_for_run
-    sims = [similarity_for_run(run, split=args.split, data_root=args.data, tag=args.tag) for run in args.runs]
+    from .evaluate import PROTOCOLS
+    from .runs import check_same_data, similarity_for_run
+    if args.protocol not in PROTOCOLS:
+        raise ConfigError("--protocol", f"{args.protocol!r} is not one of {', '.join(PROTOCOLS)}")
+    _check_writable(args.csv, "--csv")
+    _check_writable(args.save_sims, "--save-sims")
+    fingerprints: dict = {}
+    sims = [similarity_for_run(run, split=args.split, data_root=args.data, tag=args.tag,
+                               allow_data_mismatch=args.allow_data_mismatch, fingerprints=fingerprints)
+            for run in args.runs]
+    if len(fingerprints) > 1:
+        check_same_data(fingerprints, args.split, allow=args.allow_data_mismatch)
     df = evaluate_ensemble(sims, protocol=args.protocol) if len(sims) > 1 else None
     if df is None:
         from .evaluate import evaluate_sims
@@ -155,7 +202,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
         save_sims(args.save_sims, torch.stack([torch.as_tensor(s) for s in sims]).mean(0))
     if args.csv:
         from .io import atomic_write_text
-        atomic_write_text(args.csv, df.to_csv(index=False))
+        try:
+            atomic_write_text(args.csv, df.to_csv(index=False))
+        except OSError as exc:
+            from .errors import DataError
+            raise DataError(args.csv, f"--csv: cannot write ({exc.strerror or exc})") from None
     return 0
 
 

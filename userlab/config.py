@@ -438,25 +438,13 @@ def check_device(name: str) -> None:
     """The requested device exists on this machine (``cuda`` without CUDA is a ConfigError).
 
     Not part of :func:`validate`: a config written on a GPU machine must still load elsewhere
-    (``userlab eval`` picks its own device)."""
+    (``userlab eval`` picks its own device). The machine check itself is
+    :func:`userlab.devices.check_device`, shared with extraction."""
     _check_device_name(name)
     if name == "auto":
         return
-    import torch
-    dev = torch.device(name)
-    if dev.type == "cuda":
-        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if count == 0:
-            raise ConfigError("optim.device", f"{name!r} requested but this machine has no usable CUDA GPU "
-                                              "(use auto or cpu)")
-        if dev.index is not None and dev.index >= count:
-            raise ConfigError("optim.device", f"{name!r} requested but this machine has {count} CUDA GPU(s) "
-                                              f"(cuda:0..cuda:{count - 1})")
-    elif dev.type == "mps":
-        if not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-            raise ConfigError("optim.device", f"{name!r} requested but Apple MPS is not available here")
-    elif dev.type != "cpu":
-        raise ConfigError("optim.device", f"{name!r}: userlab trains on auto, cpu, cuda[:N] or mps")
+    from .devices import check_device as device_on_this_machine
+    device_on_this_machine(name)
 
 
 def check_training_fits(cfg: ExperimentConfig, n_captions: int, world: int = 1,

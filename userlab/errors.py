@@ -61,3 +61,23 @@ class NonFiniteError(UserlabError, FloatingPointError):
         super().__init__(f"training stopped at step {step}: {consecutive} non-finite steps in a row "
                          f"(optim.max_nonfinite_steps; {skipped} skipped in this run, weights unchanged by "
                          f"them). Loss terms at step {step}: {shown}. Likely cause: {cause}")
+class RunLockedError(UserlabError, RuntimeError):
+    """Another process is training in this run folder (the folder's advisory lock is held).
+
+    Args:
+        path: the run folder.
+        holder: who holds it (``pid N on HOST since TIME``), when known.
+    """
+
+    def __init__(self, path: str | os.PathLike, holder: str | None = None):
+        self.path = str(path)
+        self.holder = holder
+        who = f" by {holder}" if holder else " by another process"
+        super().__init__(f"{self.path}: run folder is in use{who}; wait for that run to finish, "
+                         f"stop it, or choose another --run-dir")
+
+
+class DataMismatchError(DataError):
+    """Data that is well-formed but not the data it should be: a split that differs from the one a
+    run was trained beside, runs of an ensemble evaluated on different data, a vocabulary built
+    from other captions."""

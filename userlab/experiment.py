@@ -34,14 +34,28 @@ def anchor_config(cfg: ExperimentConfig) -> ExperimentConfig:
 
 def fit_experiment(cfg: ExperimentConfig, callbacks: Iterable[Callback] = (), progress: bool = True,
                    resume: bool = True, max_steps: Optional[int] = None, checkpoint_every: int = 0,
-                   tensorboard: bool = False) -> Trainer:
-    """Train as ``cfg`` says; returns the (last) Trainer, whose ``history`` holds dev metrics."""
+                   tensorboard: bool = False, allow_config_change: bool = False,
+                   allow_data_mismatch: bool = False) -> Trainer:
+    """Train as ``cfg`` says; returns the (last) Trainer, whose ``history`` holds dev metrics.
+
+    ``resume=False`` moves an earlier run in ``cfg.run_dir`` aside (``<run_dir>.old-<time>``);
+    for the offline schedule the whole folder, anchor stage included, is moved once.
+    """
     kwargs = dict(callbacks=callbacks, progress=progress, resume=resume, max_steps=max_steps,
-                  checkpoint_every=checkpoint_every, tensorboard=tensorboard)
+                  checkpoint_every=checkpoint_every, tensorboard=tensorboard,
+                  allow_config_change=allow_config_change, allow_data_mismatch=allow_data_mismatch)
     if cfg.boost.schedule != "offline":
         trainer = Trainer(cfg, **kwargs)
         trainer.fit()
         return trainer
+    if not resume:
+        # move the whole earlier run (anchor included) aside once; the stages then start afresh
+        from .runfolder import RunFolderLock, move_run_aside
+        with RunFolderLock(cfg.run_dir):
+            moved = move_run_aside(cfg.run_dir)
+        if moved is not None:
+            print(f"--no-resume: moved the previous run in {cfg.run_dir} to {moved}", flush=True)
+        kwargs["resume"] = True
     stage1 = anchor_config(cfg)
     anchor_trainer = Trainer(stage1, **kwargs)
     anchor_trainer.fit()

@@ -46,8 +46,13 @@ def free_port(host: str = HOST) -> int:
         return sock.getsockname()[1]
 
 
-def lab_command(root_dir: Path, port: int, token: str) -> list[str]:
-    """The ``jupyter lab`` command line: local only, token-protected, no network calls."""
+def lab_command(root_dir: Path, port: int) -> list[str]:
+    """The ``jupyter lab`` command line: local only, no network calls.
+
+    The token is not on it: every local user can read a process's command line (``ps``,
+    ``/proc/<pid>/cmdline``), so :func:`start_lab` hands the token over in the server's
+    environment (``JUPYTER_TOKEN``), which only the same user can read.
+    """
     cmd = [
         sys.executable, "-m", "jupyter", "lab",
         "--no-browser",
@@ -55,7 +60,6 @@ def lab_command(root_dir: Path, port: int, token: str) -> list[str]:
         f"--ServerApp.port={port}",
         # fail instead of silently moving to another port: the caller builds URLs from `port`
         "--ServerApp.port_retries=0",
-        f"--IdentityProvider.token={token}",
         f"--ServerApp.root_dir={root_dir}",
         # no requests to the outside: news feed, update check, PyPI extension search
         "--LabApp.news_url=None",
@@ -191,12 +195,14 @@ def start_lab(root_dir: str | os.PathLike, port: Optional[int] = None, token: Op
     port = port or free_port()
     full_env = dict(os.environ)
     full_env.update(env or {})
-    # the token travels on the command line only; a stray JUPYTER_TOKEN must not override it
-    full_env.pop("JUPYTER_TOKEN", None)
+    # the token travels in the environment, never on the command line (readable by all users);
+    # a stray token file setting must not take precedence over it
+    full_env.pop("JUPYTER_TOKEN_FILE", None)
+    full_env["JUPYTER_TOKEN"] = token
     # a file, not a pipe: an unread pipe fills up and blocks the server
     log_file = tempfile.NamedTemporaryFile(prefix="userlab-lab-", suffix=".log", delete=False)
     try:
-        process = subprocess.Popen(lab_command(root, port, token), cwd=root, env=full_env,
+        process = subprocess.Popen(lab_command(root, port), cwd=root, env=full_env,
                                    stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT)
     finally:
         log_file.close()

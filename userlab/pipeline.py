@@ -29,12 +29,15 @@ class DataBundle:
 def load_vocabulary(cfg: ExperimentConfig, folder: Path) -> Vocabulary:
     """The run's vocabulary: ``data.vocab_path``, else ``<folder>/vocab.json``, else built from
     the train captions with the count threshold and saved there."""
-    if cfg.data.vocab_path:
-        return Vocabulary.load(cfg.data.vocab_path)
-    path = folder / "vocab.json"
-    if path.is_file():
-        return Vocabulary.load(path)
-    captions = PrecompDataset(folder, cfg.data.train_split, validate=False).captions
+    from .fingerprint import check_vocab_coverage
+    path = Path(cfg.data.vocab_path) if cfg.data.vocab_path else folder / "vocab.json"
+    train = PrecompDataset(folder, cfg.data.train_split, validate=False)
+    captions = train.captions
+    if cfg.data.vocab_path or path.is_file():
+        # a vocabulary left from other captions would turn most words into <unk> without a word
+        vocab = Vocabulary.load(path)
+        check_vocab_coverage(vocab, captions, path, train.caps_path)
+        return vocab
     vocab = build_vocab(captions, threshold=cfg.data.vocab_threshold)
     vocab.save(path)
     return vocab
@@ -73,8 +76,10 @@ def prepare_data(cfg: ExperimentConfig, splits: tuple[str, ...] = ("train", "val
         val = PrecompDataset(folder, cfg.data.val_split, train=False, max_images=cfg.data.dev_max_images)
         check_features_match(cfg, val)
     for ds in (train, val):
-        if ds is not None and ds.ims_path.stat().st_size <= FULL_CHECK_MAX_BYTES:
-            ds.validate_rows()
+        # every array file is scanned before training; only region features beyond the size
+        # limit are left to the sample checked on open and the per-row check on read
+        if ds is not None:
+            ds.validate_rows(features=ds.ims_path.stat().st_size <= FULL_CHECK_MAX_BYTES)
     tokenizer, vocab = make_tokenizer(cfg, folder)
     if vocab is not None:
         cfg.model.vocab_size = len(vocab)

@@ -34,7 +34,8 @@ import torch
 from tqdm.auto import tqdm
 
 from . import checkpoint as ckpt
-from .config import ExperimentConfig, check_device, validate
+from . import fingerprint
+from .config import ExperimentConfig, validate
 from .data.precomp import collate_batch
 from .errors import ConfigError
 from .evaluate import evaluate, move_batch
@@ -43,6 +44,8 @@ from .losses import check_collapse
 from .models.boosted import BoostedModel
 from .models.user import RetrievalModel, build_model
 from .pipeline import DataBundle, EpochBatchSampler, lr_at_epoch, prepare_data
+from .devices import check_device
+from .runfolder import RunFolderLock, check_resume_config, move_run_aside
 
 
 # -- devices, precision, seeds -------------------------------------------------------------------
@@ -52,9 +55,8 @@ def pick_device(name: str = "auto") -> torch.device:
     Raises:
         ConfigError: the named device is not available here (e.g. ``cuda`` without CUDA).
     """
-    check_device(name)
     if name != "auto":
-        return torch.device(name)
+        return check_device(name)
     if torch.cuda.is_available():
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
     return torch.device("cpu")
@@ -122,10 +124,37 @@ class CSVLog:
         self.path, self.key = path, key
         self.fields: Optional[list[str]] = None
 
+    def _read(self, nrows: Optional[int] = None) -> Optional[pd.DataFrame]:
+        """The log as a DataFrame; None when there is none yet. A 0-byte file (a kill between
+        creating the file and writing its first row) counts as none; anything else that is not
+        this log's CSV is a :class:`DataError` naming the file."""
+        from .errors import DataError
+        if not self.path.is_file() or self.path.stat().st_size == 0:
+            return None
+        hint = "move it away (or train with --no-resume, which moves the old run aside)"
+        try:
+            df = pd.read_csv(self.path, nrows=nrows)
+        except UnicodeDecodeError as exc:
+            raise DataError(self.path, f"training log is not UTF-8 text (byte {exc.start}); {hint}") from None
+        except (pd.errors.ParserError, pd.errors.EmptyDataError, ValueError) as exc:
+            raise DataError(self.path, f"training log is not a readable CSV "
+                                       f"({' '.join(str(exc).split())[:120]}); {hint}") from None
+        if self.key not in df.columns:
+            raise DataError(self.path, f"training log has no '{self.key}' column (columns: "
+                                       f"{', '.join(map(str, df.columns[:6]))}); {hint}")
+        if nrows is None and not pd.api.types.is_numeric_dtype(df[self.key]):
+            # a torn last row (a kill mid-write) may be cut anywhere; other junk is an error
+            values = pd.to_numeric(df[self.key], errors="coerce")
+            if values.iloc[:-1].isna().any():
+                raise DataError(self.path, f"training log has non-numeric '{self.key}' values; {hint}")
+            df = df[values.notna()].assign(**{self.key: values[values.notna()]})
+        return df
+
     def truncate_after(self, value: float) -> None:
-        if not self.path.is_file():
+        df = self._read()
+        if df is None:
+            self.path.unlink(missing_ok=True)
             return
-        df = pd.read_csv(self.path)
         df = df[df[self.key] <= value]
         # atomically: a kill during this rewrite must not lose rows that will not be logged again
         from .io import atomic_write_text
@@ -134,9 +163,9 @@ class CSVLog:
 
     def write(self, row: dict[str, Any]) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        new = not self.path.is_file()
+        new = not self.path.is_file() or self.path.stat().st_size == 0
         if self.fields is None:
-            self.fields = list(row) if new else pd.read_csv(self.path, nrows=0).columns.tolist()
+            self.fields = list(row) if new else self._read(nrows=0).columns.tolist()
         with open(self.path, "a", newline="") as fh:
             writer = csv.DictWriter(fh, fieldnames=self.fields, extrasaction="ignore")
             if new:
@@ -157,13 +186,29 @@ class Trainer:
         progress: tqdm progress bars.
         max_steps: stop after this many optimiser steps in total (smoke runs, tests).
         checkpoint_every: also save the ``last`` checkpoint every N steps (0: epoch ends only).
+        allow_config_change: on resume, apply config fields that differ from the checkpoint's
+            (lr, weight decay, clipping, batch size, loss, ...) and record each change in
+            ``config_changes.jsonl``; without it such a resume is refused (ConfigError).
+        allow_data_mismatch: on resume, continue even when the data or vocabulary differ from
+            the checkpoint's fingerprint (recorded in ``config_changes.jsonl`` as well).
+
+    Run folder: the Trainer holds an advisory lock on ``run_dir`` from construction to the end
+    of :meth:`fit` (a second Trainer on the folder raises RunLockedError at once). A fresh start
+    (``resume=False``) moves an earlier run's files to ``<run_dir>.old-<time>``; nothing is
+    deleted. The data fingerprint (:mod:`userlab.fingerprint`) goes to ``run_dir/data.json``
+    and into every checkpoint.
     """
 
     def __init__(self, cfg: ExperimentConfig, data: Optional[DataBundle] = None,
                  model: Optional[RetrievalModel] = None, callbacks: Iterable[Callback] = (),
                  resume: bool = True, progress: bool = True, max_steps: Optional[int] = None,
-                 checkpoint_every: int = 0, tensorboard: bool = False):
+                 checkpoint_every: int = 0, tensorboard: bool = False,
+                 allow_config_change: bool = False, allow_data_mismatch: bool = False):
         self.cfg = validate(cfg)  # configs edited in Python after from_dict are checked too
+        self.allow_config_change = allow_config_change
+        self.allow_data_mismatch = allow_data_mismatch
+        self.resumed_from: Optional[Path] = None
+        self.moved_aside: Optional[Path] = None
         self.device = pick_device(cfg.optim.device)
         self.rank, self.world = init_distributed(self.device)
         seed_everything(cfg.optim.seed)
@@ -196,15 +241,27 @@ class Trainer:
         self.step_log = CSVLog(self.run_dir / "train_log.csv", key="step")
         self.eval_log = CSVLog(self.run_dir / "eval_log.csv", key="epoch")
         self.writer = None
-        if tensorboard and self.rank == 0:
-            from torch.utils.tensorboard import SummaryWriter
-            self.writer = SummaryWriter(str(self.run_dir / "tensorboard"))
-        if resume:
-            self.try_resume()
-        elif self.rank == 0:
-            # a fresh run in a used folder starts fresh logs (checkpoints are replaced as it goes)
-            for log in (self.step_log.path, self.eval_log.path):
-                log.unlink(missing_ok=True)
+        self.lock = RunFolderLock(self.run_dir)
+        self.data_fingerprint: Optional[dict[str, Any]] = None
+        if self.rank == 0:
+            self.lock.acquire()  # before anything in the folder is read or changed
+        try:
+            if self.rank == 0:
+                self.data_fingerprint = fingerprint.data_fingerprint(self.data.folder, self.data.vocab)
+            if resume:
+                self.try_resume()
+            elif self.rank == 0:
+                # a fresh run in a used folder: the old run is moved aside, never deleted
+                self.moved_aside = move_run_aside(self.run_dir)
+                if self.moved_aside is not None:
+                    print(f"--no-resume: moved the previous run in {self.run_dir} to {self.moved_aside}",
+                          flush=True)
+            if tensorboard and self.rank == 0:
+                from torch.utils.tensorboard import SummaryWriter
+                self.writer = SummaryWriter(str(self.run_dir / "tensorboard"))
+        except BaseException:
+            self.lock.release(cleanup=True)  # a run that failed to start leaves no lock file
+            raise
 
     # -- checkpoints ---------------------------------------------------------------------
     def train_state(self) -> dict[str, Any]:
@@ -221,10 +278,11 @@ class Trainer:
         if self.rank != 0:
             return None
         vocab = self.data.vocab
+        extra = {fingerprint.FILE_NAME: fingerprint.to_json(self.data_fingerprint)} if self.data_fingerprint else {}
         return ckpt.save_checkpoint(
             self.run_dir, tag, self.step, self.model.inference_state(), self.train_state(),
             json.dumps(self.cfg.to_dict(), indent=2, sort_keys=True) + "\n",
-            vocab_json=vocab.to_json() if vocab is not None else None)
+            vocab_json=vocab.to_json() if vocab is not None else None, extra_files=extra)
 
     def try_resume(self) -> bool:
         """Load ``run_dir``'s last checkpoint if there is one; True when resumed."""
@@ -251,14 +309,79 @@ class Trainer:
             raise ckpt.CheckpointError(folder / ckpt.STATE_FILE, "does not match this run's config "
                                        f"(changed queue size or optimiser?): {' '.join(str(exc).split())[:300]}"
                                        ) from None
+        changes = self._check_resume_identity(folder)
+        if changes:
+            self._apply_changed_optimiser_settings()
         if self.rank == 0:
             # A step row carries the step count *before* its step, an eval row the epochs done;
             # rows the resumed run will write again must go, or a kill leaves duplicates.
+            self.step_log._read(), self.eval_log._read()  # both readable before either is rewritten
             self.step_log.truncate_after(self.step - 1)
             self.eval_log.truncate_after(self.epoch)
-            if self.eval_log.path.is_file():
-                self.history = pd.read_csv(self.eval_log.path).to_dict("records")
+            history = self.eval_log._read()
+            if history is not None:
+                self.history = history.to_dict("records")
+            self._record_changes(changes)
+            print(f"resumed {self.run_dir} from {folder.name}: step {self.step}, epoch {self.epoch} "
+                  f"(+{self.step_in_epoch} steps into epoch {self.epoch + 1}), best dev rSum "
+                  f"{self.best_rsum:.2f}", flush=True)
+        self.resumed_from = folder
         return True
+
+    def _check_resume_identity(self, folder: Path) -> dict[str, tuple[Any, Any]]:
+        """The checkpoint's config, data and vocabulary against this run's; returns the
+        accepted differences ``{field: (saved, now)}`` (refused ones raise)."""
+        from .errors import DataMismatchError
+        config_file = folder / ckpt.CONFIG_FILE
+        try:
+            saved = json.loads(config_file.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ckpt.CheckpointError(config_file, f"not a readable config ({exc})") from None
+        if not isinstance(saved, dict):
+            raise ckpt.CheckpointError(config_file, "not a config object")
+        changes = check_resume_config(saved, self.cfg.to_dict(), config_file, allow=self.allow_config_change)
+        vocab_file = folder / ckpt.VOCAB_FILE
+        if self.data.vocab is not None and vocab_file.is_file():
+            if vocab_file.read_text(encoding="utf-8") != self.data.vocab.to_json():
+                if not self.allow_data_mismatch:
+                    raise DataMismatchError(vocab_file, "the checkpoint's vocabulary differs from this "
+                                            "run's (data vocab.json or data.vocab_path): word ids would "
+                                            "silently change meaning. Pass --allow-data-mismatch to resume anyway")
+                changes["vocabulary"] = ("checkpoint", "data folder")
+        recorded = fingerprint.read_fingerprint(folder)
+        if recorded is not None and self.data_fingerprint is not None:
+            for split in (self.cfg.data.train_split, self.cfg.data.val_split):
+                actual = self.data_fingerprint["splits"].get(split)
+                rec = recorded["splits"].get(split)
+                diff = fingerprint.differences(rec, actual) if rec and actual else []
+                if diff and not self.allow_data_mismatch:
+                    raise DataMismatchError(self.data.folder / f"{split}_ims.npy",
+                                            f"split '{split}' differs from the one the checkpoint {folder} was "
+                                            f"trained on (in {recorded.get('folder')}): {'; '.join(diff[:4])}. "
+                                            f"Pass --allow-data-mismatch to resume anyway, or --no-resume")
+                if diff:
+                    changes[f"data.{split}"] = (recorded.get("folder"), "; ".join(diff[:4]))
+        return changes
+
+    def _apply_changed_optimiser_settings(self) -> None:
+        """The optimizer state restores the saved lr / weight decay; use this run's config."""
+        fresh = self.model.param_groups(self.cfg.optim.lr, self.cfg.optim.text_lr_scale, self.cfg.optim.weight_decay)
+        for group, new in zip(self.optimizer.param_groups, fresh):
+            group["base_lr"] = group["lr"] = new.get("lr", self.cfg.optim.lr)
+            group["weight_decay"] = new.get("weight_decay", self.cfg.optim.weight_decay)
+
+    def _record_changes(self, changes: dict[str, tuple[Any, Any]]) -> None:
+        if not changes:
+            return
+        from .io import atomic_write_text
+        path = self.run_dir / "config_changes.jsonl"
+        old = path.read_text(encoding="utf-8") if path.is_file() else ""
+        stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+        rows = [json.dumps({"time": stamp, "step": self.step, "epoch": self.epoch, "field": k,
+                            "saved": v[0], "now": v[1]}, default=str) for k, v in changes.items()]
+        atomic_write_text(path, old + "\n".join(rows) + "\n")
+        for k, (a, b) in changes.items():
+            print(f"resume: {k} changed from {a!r} to {b!r} (applied; recorded in {path})", flush=True)
 
     # -- training ------------------------------------------------------------------------
     def _loader(self, epoch: int, skip: int) -> torch.utils.data.DataLoader:
@@ -313,12 +436,27 @@ class Trainer:
                       batch_size=max(128, self.cfg.data.batch_size), progress=False)
         return {k: float(v) for k, v in df.iloc[0].items() if k != "protocol"}
 
+    def close(self) -> None:
+        """Release the run folder's lock (a Trainer that will not train after all)."""
+        self.lock.release()
+
     def fit(self) -> pd.DataFrame:
         """Train to ``optim.epochs`` (or ``max_steps``); returns dev metrics per epoch."""
+        if self.rank == 0:
+            self.lock.acquire()  # no-op when still held since construction
+        try:
+            return self._fit()
+        finally:
+            self.lock.release()
+
+    def _fit(self) -> pd.DataFrame:
         cfg = self.cfg
         if self.rank == 0:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             cfg.to_json(self.run_dir / "config.json")
+            if self.data_fingerprint is not None:
+                from .io import atomic_write_text
+                atomic_write_text(self.run_dir / fingerprint.FILE_NAME, fingerprint.to_json(self.data_fingerprint))
         while self.epoch < cfg.optim.epochs and not self._done():
             epoch = self.epoch
             lr = self.set_lr(epoch)
@@ -390,7 +528,12 @@ def load_model(path: str | os.PathLike, tag: str = "best", device: Optional[torc
     from .data.text import Vocabulary
     folder = ckpt.find_checkpoint(path, tag=tag)
     cfg = ExperimentConfig.from_json(folder / ckpt.CONFIG_FILE)
-    vocab = Vocabulary.load(folder / "vocab.json") if (folder / "vocab.json").is_file() else None
+    vocab_file = folder / ckpt.VOCAB_FILE
+    vocab = Vocabulary.load(vocab_file) if vocab_file.is_file() else None
+    if vocab is None and cfg.model.text_encoder == "gru":
+        raise ckpt.CheckpointError(vocab_file, "missing: the checkpoint's GRU text encoder needs the "
+                                               "vocabulary it was trained with (every checkpoint userlab "
+                                               "writes holds one; copy the whole checkpoint folder)")
     model = RetrievalModel(cfg, vocab=vocab, with_momentum=False)
     model.load_inference_state(ckpt.load_model_state(folder), folder / ckpt.MODEL_FILE)
     if device is None:

@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from ..devices import check_device
 from ..errors import ConfigError, DataError
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -89,6 +90,11 @@ def load_image(path: str | os.PathLike) -> Image.Image:
         with Image.open(path) as img:
             img.load()
             return to_rgb(img)
+    except Image.DecompressionBombError as err:
+        # a few bytes that claim billions of pixels: decoding would exhaust memory
+        raise DataError(path, f"refused: the image claims more pixels than Pillow's decompression-bomb "
+                              f"limit (Image.MAX_IMAGE_PIXELS = {Image.MAX_IMAGE_PIXELS}); "
+                              f"{' '.join(str(err).split())[:160]}") from None
     except (OSError, ValueError) as err:
         raise DataError(path, f"cannot read image: {err}") from None
 
@@ -191,7 +197,7 @@ class RegionBackbone:
                  roi_output_size: int = 3, sampling_ratio: int = 2):
         if input_size < 32 or input_size % BACKBONE_STRIDE:
             raise ConfigError("input_size", f"must be a positive multiple of 32, got {input_size}")
-        self.device = torch.device(device) if device is not None else torch.device(
+        self.device = check_device(device, "device") if device not in (None, "auto") else torch.device(
             "cuda" if torch.cuda.is_available() else "cpu")
         self.input_size = int(input_size)
         self.grid_side = self.input_size // BACKBONE_STRIDE
@@ -347,7 +353,7 @@ class GuideEncoder:
         if backend not in GUIDE_BACKENDS:
             raise ConfigError("guide", f"unknown guide backend {backend!r} (known: {', '.join(GUIDE_BACKENDS)})")
         self.backend = backend
-        self.device = torch.device(device) if device is not None else torch.device(
+        self.device = check_device(device, "device") if device not in (None, "auto") else torch.device(
             "cuda" if torch.cuda.is_available() else "cpu")
         self.backbone = None
         if backend == "backbone":

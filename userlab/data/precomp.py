@@ -138,9 +138,31 @@ def _read_lines(path: Path, what: str) -> list[str]:
     return out
 
 
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
+def _good_rows(block: np.ndarray) -> np.ndarray:
+    """Bool ``(n,)``: rows of ``block`` (``(n, ...)``) that are finite and, in float64 files,
+    inside float32's range (they are cast to float32 when read; beyond it they become Inf)."""
+    flat = block.reshape(len(block), -1)
+    good = np.isfinite(flat).all(axis=1)
+    if block.dtype.itemsize > 4 and good.any():
+        good &= ~(np.abs(flat) > _FLOAT32_MAX).any(axis=1)
+    return good
+
+
+def _bad_row_problem(arr: np.ndarray, row: int, what: str) -> str:
+    values = np.asarray(arr[row])
+    if np.isfinite(values).all():
+        return (f"{what} row {row} holds values beyond float32's range (|x| up to "
+                f"{float(np.abs(values).max()):.3g} > {_FLOAT32_MAX:.3g}); they would become Inf "
+                f"when cast to float32")
+    return f"{what} row {row} holds NaN or Inf values"
+
+
 def _check_finite_row(arr: np.ndarray, row: int, path: Path, what: str) -> None:
-    if not np.isfinite(arr[row]).all():
-        raise DataError(path, f"{what} row {row} holds NaN or Inf values")
+    if not _good_rows(np.asarray(arr[row: row + 1])).all():
+        raise DataError(path, _bad_row_problem(arr, row, what))
 
 
 def _release_pages(arr: np.ndarray | None) -> None:
@@ -291,6 +313,12 @@ class PrecompDataset(Dataset):
             if self.has_guide:
                 for row in _sample_rows(self.num_images):
                     _check_finite_row(self.guide, row, self.guide_path, "guide embeddings")
+            if self.boxes is not None:
+                for row in _sample_rows(self.num_images):
+                    _check_finite_row(self.boxes, row, self.boxes_path, "region boxes")
+            if self.im_div == 1:
+                for image in _sample_rows(self.num_images):
+                    self._check_rows_of_image(image)
         if full_check:
             self.validate_rows()
 
@@ -352,31 +380,65 @@ class PrecompDataset(Dataset):
             self.boxes = np.load(self.boxes_path, mmap_mode="r")[: self.num_images]
 
     # -- checks ------------------------------------------------------------------------------
-    def validate_rows(self, chunk_rows: int = 1024) -> int:
-        """Scan every used feature row (and guide row) for NaN/Inf, ``chunk_rows`` at a time.
+    def _check_rows_of_image(self, image: int, block: np.ndarray | None = None, start: int = 0) -> None:
+        """One feature row per caption: the 5 rows of ``image`` must be the same features.
+
+        ``rows == captions`` is ambiguous: 30 images x 4 captions stored one row per caption also
+        has 120 rows for 120 captions, and would be grouped as 24 x 5 with features of
+        different images under one id. Rows that differ within a group of 5 give it away.
+        """
+        first = image * CAPTIONS_PER_IMAGE
+        rows = (np.asarray(self.ims[first: first + CAPTIONS_PER_IMAGE]) if block is None
+                else block[first - start: first - start + CAPTIONS_PER_IMAGE])
+        if np.isnan(rows).any():
+            return  # reported as NaN by the finiteness checks, which name the row
+        same = (rows == rows[:1]).reshape(len(rows), -1).all(axis=1)
+        if not same.all():
+            other = first + int(np.argmin(same))
+            raise DataError(self.ims_path, f"one feature row per caption ({self.ims.shape[0]} rows for "
+                                           f"{self.total_images * CAPTIONS_PER_IMAGE} captions), but rows "
+                                           f"{first} and {other} (image {image}, captions {first}..{first + 4}) "
+                                           f"differ: the 5 captions of an image must share identical rows. "
+                                           f"Does the file hold another number of captions per image "
+                                           f"(e.g. 4)? userlab needs 5 per image, consecutive")
+
+    def validate_rows(self, chunk_rows: int = 1024, features: bool = True) -> int:
+        """Scan every used row of every array file (features, guide, boxes), ``chunk_rows`` at
+        a time, for NaN/Inf and (float64 files) values beyond float32's range; with one row per
+        caption, also check that the 5 rows of each image are identical.
 
         Memory stays at one chunk (``chunk_rows * R * F`` values) however large the file.
+
+        Args:
+            features: also scan the region features (the guide and boxes are always scanned).
 
         Returns:
             The number of feature rows checked.
 
         Raises:
-            DataError: naming the first bad row.
+            DataError: naming the file and the first bad row.
         """
         if chunk_rows < 1:
             raise ValueError(f"chunk_rows must be >= 1, got {chunk_rows}")
-        arrays = [(self.ims, self.num_rows, self.ims_path, "region features")]
+        arrays = [(self.ims, self.num_rows, self.ims_path, "region features")] if features else []
         if self.has_guide:
             arrays.append((self.guide, self.num_images, self.guide_path, "guide embeddings"))
+        if self.boxes is not None:
+            arrays.append((self.boxes, self.num_images, self.boxes_path, "region boxes"))
+        if self.im_div == 1:  # whole images per chunk, for the identical-rows check
+            chunk_rows = max(CAPTIONS_PER_IMAGE, chunk_rows - chunk_rows % CAPTIONS_PER_IMAGE)
         for arr, n, path, what in arrays:
             for start in range(0, n, chunk_rows):
                 block = np.asarray(arr[start: min(n, start + chunk_rows)])
-                finite = np.isfinite(block.reshape(len(block), -1)).all(axis=1)
+                good = _good_rows(block)
+                if not good.all():
+                    _release_pages(arr)
+                    raise DataError(path, _bad_row_problem(arr, start + int(np.argmin(good)), what))
+                if arr is self.ims and self.im_div == 1:
+                    for image in range(start // CAPTIONS_PER_IMAGE, (start + len(block)) // CAPTIONS_PER_IMAGE):
+                        self._check_rows_of_image(image, block, start)
                 _release_pages(arr)  # keep RSS at one chunk, not the whole file
-                if not finite.all():
-                    raise DataError(path, f"{what} row {start + int(np.argmin(finite))} holds "
-                                          f"NaN or Inf values")
-        return self.num_rows
+        return self.num_rows if features else 0
 
     # -- items ---------------------------------------------------------------------------------
     def __len__(self) -> int:
@@ -395,14 +457,14 @@ class PrecompDataset(Dataset):
         row = self.row_of_image(i)
         regions = self._read_row(row)
         if self.validate and not np.isfinite(regions).all():
-            raise DataError(self.ims_path, f"region features row {row} (image {i}) holds NaN or "
-                                           f"Inf values")
+            raise DataError(self.ims_path, _bad_row_problem(self.ims, row, "region features")
+                            + f" (image {i})")
         item: dict[str, Any] = {"regions": torch.from_numpy(regions), "image_index": i,
                                 "image_id": int(self.ids[i])}
         if self.has_guide:
             guide = np.array(self.guide[i], dtype=np.float32)
             if self.validate and not np.isfinite(guide).all():
-                raise DataError(self.guide_path, f"guide embeddings row {i} holds NaN or Inf values")
+                raise DataError(self.guide_path, _bad_row_problem(self.guide, i, "guide embeddings"))
             item["guide"] = torch.from_numpy(guide)
         return item
 
