@@ -24,7 +24,8 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	bash scripts/setup_browser.sh
-	USERLAB_SMOKE=1 $(VPY) -m pytest --nbmake --nbmake-timeout=900 tests notebooks
+	$(VPY) scripts/make_course.py --out course/release
+	USERLAB_SMOKE=1 $(VPY) -m pytest --nbmake --nbmake-timeout=900 tests notebooks course/release/notebooks
 
 course: $(STAMP)
 	$(VPY) scripts/make_course.py --out course/release

@@ -378,7 +378,10 @@ def check_feature_row(fn: Callable[[int, int], int]) -> Feedback:
                                                                "image's captions, not the row."),
                 (_t(c * ds.im_div) if c else None, "reversed: rows are fewer than (or as many as) captions."),
             ]))
-    return _check("feature_row", fn, cases, parts=("row",), arg_names=("caption_index", "im_div"))
+    from .data.precomp import PrecompDataset
+
+    return _check("feature_row", fn, cases, library=(PrecompDataset.row_of_caption,), parts=("row",),
+                  arg_names=("caption_index", "im_div"))
 
 
 # ---------------------------------------------------------------------------------------------
