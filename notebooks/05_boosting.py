@@ -235,5 +235,5 @@ growing = bool(np.all(np.diff(ratios) > 0))
 measured = "a" if ratios.max() < 0.5 else ("c" if ratios[-1] > 2 and growing else "b")
 teach.reveal(prediction_alpha, measured, {
     "a": "UTO dominates.", "b": "the two are comparable.",
-    "c": "α·L_rel dominates, more so for larger batches; scale α down (about 1/B) on a UTO backbone."},
+    "c": "α·L_rel dominates, more so for larger batches: on a UTO backbone α needs scaling down."},
     evidence=f"gradient ratio α·L_rel / UTO = {', '.join(f'{r:.1f}' for r in ratios)} at B = 8, 32, 128.")

@@ -337,7 +337,6 @@ def test_calling_the_library_is_caught():
     from userlab.evaluate import retrieval_ranks
     from userlab.losses import batch_hal_loss
     from userlab.models.image import region_attention
-    from userlab.momentum import ema_update_  # noqa: F401  (ema_step is checked below through a module)
 
     _wrong(teach.check_minibatch_term(lambda s, mu=90, gamma=0.5: batch_hal_loss(s, mu, gamma).total),
            "calls userlab's userlab.losses.batch_hal_loss")

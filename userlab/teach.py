@@ -425,7 +425,7 @@ def check_minibatch_term(fn: Callable[..., Any]) -> Feedback:
 
     Answer key: :func:`userlab.losses.batch_hal_loss`.
     """
-    from .losses import batch_hal_loss, unified_objective
+    from .losses import _positive_term, _smooth_negatives, batch_hal_loss, unified_objective
 
     specs = [
         ("random batch (B = 8)", (0.45 + 0.3 * torch.randn(8, 8, generator=_gen(1), dtype=torch.float64)
@@ -449,12 +449,13 @@ def check_minibatch_term(fn: Callable[..., Any]) -> Feedback:
         if (mu, gamma) != (90.0, 0.5):
             mistakes.append((_t(batch_hal_loss(S64).total), "you used μ = 90, γ = 0.5 instead of the arguments."))
         cases.append(_Case(name, (S, mu, gamma), _t(expected), mistakes, hint, half))
-    return _check("minibatch_term", fn, cases, library=(batch_hal_loss, unified_objective),
+    return _check("minibatch_term", fn, cases, library=(batch_hal_loss, unified_objective, _smooth_negatives,
+                                                        _positive_term),
                   parts=("the loss",), arg_names=("sim", "mu", "gamma"))
 
 
-def _queue_parts(v, t, v_hat, t_hat, q_v, q_t, mu, gamma, mask):
-    """Per-direction negative and positive parts of the queue term (float64), for slips."""
+def _queue_parts(mu: float, gamma: float, mask: Optional[torch.Tensor]):
+    """Per-query negative and positive parts of the queue term (float64), for slips."""
     neg = lambda x, q: _softplus_lse(mu * (x @ q - gamma), mask, 1) / mu  # noqa: E731
     pos = lambda a, b: -torch.log1p(torch.relu((a * b).sum(1)))  # noqa: E731
     return neg, pos
@@ -468,7 +469,7 @@ def check_queue_term(fn: Callable[..., Any]) -> Feedback:
     (True: the key may be a negative) used in both directions. Answer key:
     :func:`userlab.losses.unified_objective` (its ``queue`` term).
     """
-    from .losses import batch_hal_loss, unified_objective
+    from .losses import _positive_term, _smooth_negatives, batch_hal_loss, unified_objective
 
     def inputs(b, k, seed, e=8):
         v, t = _unit(b, e, seed=seed), _unit(b, e, seed=seed + 1)
@@ -501,7 +502,7 @@ def check_queue_term(fn: Callable[..., Any]) -> Feedback:
         v, t, v_hat, t_hat, q_v, q_t = (x.double() for x in xs)
         out = unified_objective(v @ t.t(), v, t, v_hat, t_hat, q_v, q_t, mu=mu, gamma=gamma,
                                 lambda_batch=0.0, queue_mask=mask)
-        neg, pos = _queue_parts(v, t, v_hat, t_hat, q_v, q_t, mu, gamma, mask)
+        neg, pos = _queue_parts(mu, gamma, mask)
         nv, nt, pv, pt = neg(v, q_t), neg(t, q_v), pos(v, t_hat), pos(t, v_hat)
         one_dir = ("there are two directions: image queries against the text queue AND text queries "
                    "against the image queue.")
@@ -519,15 +520,16 @@ def check_queue_term(fn: Callable[..., Any]) -> Feedback:
                                                       "(−log(1 + …) is already negative)."),
         ]
         if mask is not None:
-            neg0, _ = _queue_parts(v, t, v_hat, t_hat, q_v, q_t, mu, gamma, None)
-            neg1, _ = _queue_parts(v, t, v_hat, t_hat, q_v, q_t, mu, gamma, ~mask)
+            neg0, _ = _queue_parts(mu, gamma, None)
+            neg1, _ = _queue_parts(mu, gamma, ~mask)
             mistakes += [
                 (_t((neg0(v, q_t) + pv).mean() + (neg0(t, q_v) + pt).mean()), "the mask is ignored."),
                 (_t((neg1(v, q_t) + pv).mean() + (neg1(t, q_v) + pt).mean()),
                  "the mask is inverted: True means the key MAY be a negative."),
             ]
         cases.append(_Case(name, (*xs, mu, gamma, mask), _t(out.terms["queue"]), mistakes, hint, half))
-    return _check("queue_term", fn, cases, library=(unified_objective, batch_hal_loss), parts=("the loss",),
+    return _check("queue_term", fn, cases, library=(unified_objective, batch_hal_loss, _smooth_negatives,
+                                                    _positive_term), parts=("the loss",),
                   arg_names=("v", "t", "v_hat", "t_hat", "Q_v", "Q_t", "mu", "gamma", "mask"))
 
 
