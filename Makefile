@@ -1,12 +1,13 @@
 # userlab: two commands set everything up on a fresh machine.
 #   make demo   build demo data, train USER and a VSE++ baseline, evaluate, draw figures
-#   make test   run every test (unit, notebooks in smoke mode, browser)
+#   make test   run every test (unit, notebooks in smoke mode, browser, the course release)
+#   make course write the student release of the notebooks (no solutions) to course/release/
 PY      ?= python3
 VENV    := .venv
 VPY     := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed
 
-.PHONY: demo test install clean-venv
+.PHONY: demo test course install clean-venv
 
 $(STAMP): pyproject.toml
 	test -x $(VPY) || $(PY) -m venv $(VENV)
@@ -23,7 +24,11 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	bash scripts/setup_browser.sh
-	USERLAB_SMOKE=1 $(VPY) -m pytest --nbmake --nbmake-timeout=900 tests notebooks
+	$(VPY) scripts/make_course.py --out course/release
+	USERLAB_SMOKE=1 $(VPY) -m pytest --nbmake --nbmake-timeout=900 tests notebooks course/release/notebooks
+
+course: $(STAMP)
+	$(VPY) scripts/make_course.py --out course/release
 
 clean-venv:
 	rm -rf $(VENV)

@@ -139,23 +139,40 @@ print(scan, "| rows:", scan.num_rows, "| im_div:", scan.im_div)
 
 # %% [markdown]
 # ## Exercises
-# Each check cell tells you whether your answer is right and, if not, why.
-# 1. How many captions share one feature row in a file with 1000 rows and 5000 captions?
-# 2. Which image does caption 13 belong to? Write it as a function of the caption index.
-# 3. How many regions per image does `feats` hold?
+# Write each function yourself. The check cell under it runs your function on several hidden
+# inputs, edge cases included, compares the results with userlab's own code and says *what* is
+# wrong (a shape, a sign, a missing term, the case that fails), never the expected numbers. Until
+# you write a function its check reports "not implemented".
+#
+# ### Exercise 1.1: captions per feature row
+# A split holds `n_captions` captions (5 per image, consecutive) and `n_rows` rows of region
+# features. Some files store one row per image, others repeat it once per caption. Write
+# `im_div(n_rows, n_captions)`: how many captions share one row.
 
 # %%
 from userlab import teach
 
-answer_1 = None   # your answer
-teach.check_im_div(1000, 5000, answer_1)
+
+def im_div(n_rows, n_captions):
+    """Captions per feature row: 5 (one row per image) or 1 (one row per caption)."""
+    ### BEGIN SOLUTION
+    return 5 if n_rows != n_captions else 1
+    ### END SOLUTION
+
+
+teach.check_im_div(im_div)
+
+# %% [markdown]
+# ### Exercise 1.2: the row a caption reads
+# Caption $c$ belongs to image $\lfloor c/5 \rfloor$. Write `feature_row(caption_index, im_div)`:
+# the row of `{split}_ims.npy` that caption $c$ reads, for both layouts.
 
 # %%
-def caption_to_image(c):
-    return None   # your code
+def feature_row(caption_index, im_div):
+    """Row of the feature file that caption `caption_index` reads."""
+    ### BEGIN SOLUTION
+    return caption_index // im_div
+    ### END SOLUTION
 
-teach.check_caption_image(13, caption_to_image)
 
-# %%
-answer_3 = None   # your answer
-teach.check_region_count(feats, answer_3)
+teach.check_feature_row(feature_row)

@@ -112,24 +112,131 @@ viz.save(fig, "02_loss_terms", figures_dir())
 
 # %% [markdown]
 # ## Exercises
-# 1. Compute the mini-batch term $L_{mb}$ of `S_ex` below with $\mu=90$, $\gamma=0.5$ (a number).
-# 2. One EMA step: given `theta_k`, `theta_q` and $m=0.9$, what is the new $\theta_k$?
-# 3. A queue of $K=100$ keys starts at pointer 0 and receives batches of $B=32$: where is the
-#    pointer after 7 steps?
+# Write each function yourself. The check cell under it runs your function on several hidden
+# inputs, edge cases included ($B = 1$, tied scores, masked keys, float16), compares the results
+# with userlab's own code and says *what* is wrong (a shape, a sign, a missing term, the case that
+# fails), never the expected numbers. Until you write a function its check reports
+# "not implemented". The notebook forgets the library functions these exercises replace.
+#
+# ### Exercise 2.1: the mini-batch term
+# With $S = VT^\top$ ($B\times B$, rows images, positives on the diagonal), $\mu = 90$, $\gamma = 0.5$:
+#
+# $$L_{mb} = \frac1B\sum_i \Big[\tfrac1\mu\log\big(1+\textstyle\sum_{j\ne i}e^{\mu(S_{ji}-\gamma)}\big) + \tfrac1\mu\log\big(1+\sum_{j\ne i}e^{\mu(S_{ij}-\gamma)}\big) - \log\big(1+\max(0,S_{ii})\big)\Big]$$
+#
+# Write `minibatch_term(sim, mu, gamma)` returning this scalar. Mind float16 input:
+# $e^{\mu(S-\gamma)}$ can reach $e^{45}$.
 
 # %%
 from userlab import teach
 
+for shortcut in ("batch_hal_loss", "unified_objective", "ema_update_"):
+    globals().pop(shortcut, None)  # you write these below
+
+
+def minibatch_term(sim, mu=90.0, gamma=0.5):
+    """USER's mini-batch term L_mb of a (B, B) similarity matrix (a scalar tensor)."""
+    ### BEGIN SOLUTION
+    S = sim.float() if sim.dtype == torch.float16 else sim
+    off_diagonal = ~torch.eye(S.shape[0], dtype=torch.bool)
+    logits = (mu * (S - gamma)).masked_fill(~off_diagonal, float("-inf"))
+    smooth = lambda dim: torch.nn.functional.softplus(torch.logsumexp(logits, dim=dim)) / mu  # log(1 + Σ e^x) / μ
+    positive = -torch.log1p(torch.relu(S.diagonal()))
+    return (smooth(0) + smooth(1) + positive).mean()
+    ### END SOLUTION
+
+
+teach.check_minibatch_term(minibatch_term)
+
+# %% [markdown]
+# ### Exercise 2.2: the queue term
+# Image queries $v_i$ meet the **text** queue $Q_t$ ($E\times K$) as negatives and their own
+# caption's momentum key $\hat t_i$ as the positive; caption queries $t_i$ meet the image queue $Q_v$
+# and $\hat v_i$:
+#
+# $$L_q = \frac1B\sum_i\Big[\tfrac1\mu\log\big(1+\textstyle\sum_k e^{\mu(v_i\cdot Q_t[:,k]-\gamma)}\big) - \log\big(1+\max(0, v_i\cdot\hat t_i)\big)\Big] + \big(\text{the same with } t_i, Q_v, \hat v_i\big)$$
+#
+# Write `queue_term(v, t, v_hat, t_hat, Q_v, Q_t, mu, gamma, mask)`. `mask` is None or a bool
+# `(B, K)` (True: the key may be a negative), used in both directions.
+
+# %%
+def queue_term(v, t, v_hat, t_hat, Q_v, Q_t, mu=90.0, gamma=0.5, mask=None):
+    """USER's queue term L_q (a scalar tensor)."""
+    ### BEGIN SOLUTION
+    def one_direction(query, key, queue):
+        query, key, queue = query.float(), key.float(), queue.float()
+        logits = mu * (query @ queue - gamma)                                  # (B, K)
+        if mask is not None:
+            logits = logits.masked_fill(~mask, float("-inf"))
+        negative = torch.nn.functional.softplus(torch.logsumexp(logits, dim=1)) / mu
+        positive = -torch.log1p(torch.relu((query * key).sum(dim=1)))
+        return (negative + positive).mean()
+    return one_direction(v, t_hat, Q_t) + one_direction(t, v_hat, Q_v)
+    ### END SOLUTION
+
+
+teach.check_queue_term(queue_term)
+
+# %% [markdown]
+# ### Exercise 2.3: the momentum (EMA) step
+# The key encoder follows the query encoder: $\theta_k \leftarrow m\,\theta_k + (1-m)\,\theta_q$.
+# Write `ema_step(theta_k, theta_q, m)` returning the new key weights (do not change `theta_q`).
+
+# %%
+def ema_step(theta_k, theta_q, m):
+    """Key weights after one momentum step."""
+    ### BEGIN SOLUTION
+    return m * theta_k + (1 - m) * theta_q
+    ### END SOLUTION
+
+
+teach.check_ema_step(ema_step)
+
+# %% [markdown]
+# ### Predict, then run: masking same-image keys in the queue
+# The text queue holds the momentum keys of the last few batches, with their image ids. With
+# `momentum.mask_same_image = True`, userlab passes `MomentumQueue.negatives_mask(ids)` to the
+# queue term. What happens to the queue negatives of an image query?
+#
+# - **(a)** Nothing: the queue only holds captions of *earlier* batches, never of the query's own image.
+# - **(b)** Keys of captions of the query's own image leave its negatives, and the queue term's
+#   negative part drops, since those keys are the ones most similar to the query.
+# - **(c)** Those keys become extra positives, and the queue term grows.
+#
+# Write your prediction, then run the next cell.
+
+# %%
+### BEGIN SOLUTION
+prediction_queue_mask = "b"
+### END SOLUTION
+
+# %%
+import torch.nn.functional as F
+from userlab import losses
+from userlab.momentum import MomentumQueue
+
 torch.manual_seed(0)
-S_ex = torch.nn.functional.normalize(torch.randn(6, 8), dim=1) @ torch.nn.functional.normalize(torch.randn(6, 8), dim=1).t()
-answer_1 = None   # your computation
-teach.check_hal_term(S_ex, answer_1)
-
-# %%
-theta_k, theta_q = torch.tensor([1.0, 2.0]), torch.tensor([3.0, -1.0])
-answer_2 = None   # your computation
-teach.check_ema(theta_k, theta_q, 0.9, answer_2)
-
-# %%
-answer_3 = None   # your answer
-teach.check_queue_pointer(100, 32, 7, answer_3)
+E, K, B = 16, 24, 4
+images = F.normalize(torch.randn(8, E), dim=1)                      # 8 images
+caption_of = lambda i: F.normalize(images[i] + 0.4 * torch.randn(E), dim=0)  # noisy copy
+text_queue = MomentumQueue(E, K)
+for step in range(K // B):                                          # fill the queue
+    ids = torch.randint(0, 8, (B,))
+    text_queue.enqueue(torch.stack([caption_of(int(i)) for i in ids]), ids)
+query_ids = torch.arange(B)
+v, t = images[query_ids], torch.stack([caption_of(int(i)) for i in query_ids])
+image_queue = F.normalize(torch.rand(E, K), dim=0)
+mask = text_queue.negatives_mask(query_ids, same_image=True)
+negative_part = {name: float(losses.unified_objective(v @ t.T, v, t, v, t, image_queue, text_queue.keys,
+                                                      queue_mask=(m, None)).terms["queue_negative"])
+                 for name, m in (("no mask", None), ("mask_same_image", mask))}
+same = (text_queue.ids[None, :] == query_ids[:, None]).sum(1)
+print("same-image keys per query:", same.tolist(), "| negatives kept:", mask.sum(1).tolist(), "of", K)
+print("queue negative part:", {k: round(x, 4) for k, x in negative_part.items()})
+dropped = bool((mask.sum(1) == K - same).all() and same.sum() > 0)
+lower = negative_part["mask_same_image"] < negative_part["no mask"]
+measured = "b" if dropped and lower else ("a" if bool((mask.sum(1) == K).all()) else "c")
+teach.reveal(prediction_queue_mask, measured, {
+    "a": "nothing changes.", "b": "same-image keys leave the negatives and the negative part drops.",
+    "c": "same-image keys become positives."},
+    evidence=f"{int(same.sum())} same-image keys removed, negative part "
+             f"{negative_part['no mask']:.4f} → {negative_part['mask_same_image']:.4f}.")

@@ -93,24 +93,53 @@ viz.save(fig, "03_worst_failures", figures_dir())
 
 # %% [markdown]
 # ## Exercises
-# 1. Compute image→text R@1 of `S_ex` (3 images, 15 captions) as a percentage.
-# 2. Compute rSum from the metrics dictionary `m`.
-# 3. Compute medr of the ranks `r` (0-based ranks).
+# Write each function yourself. The check cell under it runs your function on several hidden
+# inputs, edge cases included (one image, tied scores, masked scores, float16), compares the
+# results with userlab's own code and says *what* is wrong, never the expected numbers. Until you
+# write a function its check reports "not implemented". The notebook forgets the library
+# functions these exercises replace.
+#
+# ### Exercise 3.1: Recall@K in both directions
+# `sims` is $N\times 5N$ (rows images; captions $5i..5i+4$ belong to image $i$). **i2t**: the rank
+# of image $i$ is the best 0-based position of any of its 5 captions in its row sorted in
+# descending order. **t2i**: the rank of caption $c$ is the position of image $\lfloor c/5\rfloor$
+# in its sorted column. Among equal scores the lower index comes first.
+# $\mathrm{R@K} = 100\cdot\mathrm{mean}(\mathrm{rank} < K)$. Write `recall_at_k(sims, k)` returning
+# the pair `(i2t R@K, t2i R@K)`.
 
 # %%
 from userlab import teach
 
-rng = np.random.default_rng(0)
-S_ex = rng.standard_normal((3, 15))
-answer_1 = None   # your computation
-teach.check_recall_at_k(S_ex, 1, answer_1, direction="i2t")
+for shortcut in ("retrieval_ranks", "evaluate_sims"):
+    globals().pop(shortcut, None)  # you write these below
+
+
+def recall_at_k(sims, k):
+    """(i2t R@K, t2i R@K) in percent of an (N, 5N) similarity matrix."""
+    ### BEGIN SOLUTION
+    S = torch.as_tensor(sims).double().numpy()
+    n_images, n_captions = S.shape
+    per_image = n_captions // n_images
+    order = lambda scores: np.argsort(-scores, kind="stable")      # ties: lower index first
+    i2t = [np.flatnonzero(order(S[i]) // per_image == i).min() for i in range(n_images)]
+    t2i = [np.flatnonzero(order(S[:, c]) == c // per_image)[0] for c in range(n_captions)]
+    return 100.0 * np.mean(np.array(i2t) < k), 100.0 * np.mean(np.array(t2i) < k)
+    ### END SOLUTION
+
+
+teach.check_recall_at_k(recall_at_k)
+
+# %% [markdown]
+# ### Exercise 3.2: median rank
+# $\mathrm{medr} = \lfloor \mathrm{median}(\mathrm{rank}) \rfloor + 1$ of 0-based ranks (1 is the
+# best). Write `median_rank(ranks)` for a 1-d array or tensor of ranks.
 
 # %%
-m = table.iloc[0].to_dict()
-answer_2 = None   # your computation
-teach.check_rsum(m, answer_2)
+def median_rank(ranks):
+    """medr of 0-based ranks."""
+    ### BEGIN SOLUTION
+    return float(np.floor(np.median(np.asarray(ranks, dtype=np.float64))) + 1)
+    ### END SOLUTION
 
-# %%
-r = np.array([0, 3, 1, 8, 2, 0])
-answer_3 = None   # your computation
-teach.check_medr(r, answer_3)
+
+teach.check_median_rank(median_rank)

@@ -148,20 +148,31 @@ margins.widget
 
 # %% [markdown]
 # ## Exercises
-# 1. What do the region-attention weights $\beta$ of one image sum to? (Hint: they are
-#    L2-normalised, not a probability distribution.) Give the sum for `beta_ex`.
-# 2. Compute $\beta$ for the global vector `g` and regions `R` below ($\lambda = 1$).
+# Write the function yourself. The check cell under it runs it on several hidden inputs, edge
+# cases included ($B = 1$, identical regions, zero-padded regions, large affinities, float16),
+# compares the results with userlab's own code and says *what* is wrong, never the expected
+# numbers. Until you write it the check reports "not implemented".
+#
+# ### Exercise 4.1: region attention (SGE steps 5 and 6)
+# Given regions $R \in \mathbb{R}^{B\times K\times D}$ and a global vector $g \in \mathbb{R}^{B\times D}$:
+#
+# $$\beta = \mathrm{l2norm}_k\big(\mathrm{softmax}_k(\lambda\,\langle g, R_k\rangle)\big), \qquad \hat R_k = R_k + \beta_k\, g$$
+#
+# Write `region_attention(regions, g, lam)` returning the pair `(enhanced, beta)`, shapes
+# `(B, K, D)` and `(B, K)`.
 
 # %%
 from userlab import teach
 
-beta_ex = outputs["SGE"].beta[0].cpu()
-answer_1 = None   # your computation
-teach.check_attention_sums(beta_ex, answer_1)
 
-# %%
-torch.manual_seed(0)
-R = torch.randn(5, 8)
-g = torch.nn.functional.normalize(torch.randn(8), dim=0)
-answer_2 = None   # your computation: a tensor of 5 weights
-teach.check_beta(g, R, answer_2)
+def region_attention(regions, g, lam=1.0):
+    """USER's region attention: (enhanced regions (B, K, D), beta (B, K))."""
+    ### BEGIN SOLUTION
+    affinity = torch.einsum("bkd,bd->bk", regions.float(), g.float())
+    weights = torch.softmax(lam * affinity, dim=1)              # over the regions
+    beta = (weights / weights.norm(dim=1, keepdim=True)).to(regions.dtype)
+    return regions + beta.unsqueeze(-1) * g.unsqueeze(1), beta
+    ### END SOLUTION
+
+
+teach.check_region_attention(region_attention)

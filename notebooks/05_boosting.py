@@ -99,22 +99,141 @@ viz.save(fig, "05_ablation", figures_dir())
 
 # %% [markdown]
 # ## Exercises
-# 1. Compute the relative boosting loss (max form, both directions) of `S_t`, `S_a` below.
-# 2. What are the absolute-boosting margins $(\gamma_1, \gamma_2)$ for $\gamma = 0.2$, $\beta = 1$?
-# 3. Momentum schedule: with $m_0 = 0.9995$, what is the anchor momentum half-way through training (step 500 of 1000)?
+# Write each function yourself. The check cell under it runs your function on several hidden
+# inputs, edge cases included ($B = 1$, tied scores, anchors near the score bound, float16),
+# compares the results with userlab's own code and says *what* is wrong, never the expected
+# numbers. Until you write a function its check reports "not implemented".
+#
+# ### Exercise 5.1: soft-adapted margins
+# A margin $m$ should never ask the target to pass the score bound. With `ref` the anchor's score
+# (or gap) and `edge` its bound (1 for scores, 2 for gaps):
+#
+# | | hard | soft |
+# |---|---|---|
+# | supremum (upper bound `edge`) | $\min(m,\ \mathrm{edge}-\mathrm{ref})$ | $\frac{2m}{1+e^{(2/m)(\mathrm{ref}-\mathrm{edge})}} - m$ |
+# | infimum (lower bound `−edge`) | $\min(m,\ \mathrm{edge}+\mathrm{ref})$ | $\frac{2m}{1+e^{-(2/m)(\mathrm{ref}+\mathrm{edge})}} - m$ |
+#
+# Write `supremum_margin(ref, m, edge, mode)` and `infimum_margin(ref, m, edge, mode)`
+# (`mode` is "hard" or "soft"; at $m = 0$ the margin is 0).
 
 # %%
 from userlab import teach
 
-torch.manual_seed(0)
-S_t, S_a = torch.rand(4, 4) * 2 - 1, torch.rand(4, 4) * 2 - 1
-answer_1 = None   # your computation
-teach.check_relative_boost(S_t, S_a, answer_1)
+
+def supremum_margin(ref, m, edge, mode="hard"):
+    """Margin that shrinks so that ref + margin never passes edge."""
+    ### BEGIN SOLUTION
+    room = edge - ref.float()
+    if mode == "hard":
+        return torch.clamp(room, max=m)
+    return m * torch.tanh(room / m) if m > 0 else torch.zeros_like(room)  # = 2m/(1+e^{-2 room/m}) − m
+    ### END SOLUTION
+
+
+def infimum_margin(ref, m, edge, mode="hard"):
+    """Margin that shrinks so that ref − margin never passes −edge."""
+    ### BEGIN SOLUTION
+    return supremum_margin(-ref, m, edge, mode)
+    ### END SOLUTION
+
+
+teach.check_supremum_margin(supremum_margin)
+teach.check_infimum_margin(infimum_margin)
+
+# %% [markdown]
+# ### Exercise 5.2: relative boosting
+# With target scores $S^t$ and anchor scores $S^a$ ($B\times B$, rows images), $\gamma$ = `margin`,
+# both directions summed over the batch, hardest negative per query:
+#
+# $$L_{rel} = \sum_i \max_{j\ne i}\big[\gamma\beta + (S^a_{ii}-S^a_{ij}) - (S^t_{ii}-S^t_{ij})\big]_+ + \sum_j \max_{i\ne j}\big[\gamma\beta + (S^a_{jj}-S^a_{ij}) - (S^t_{jj}-S^t_{ij})\big]_+$$
+#
+# With `soft` = "hard" or "soft", each $\gamma\beta$ becomes `supremum_margin(anchor gap, γβ, 2, soft)`.
+# Write `relative_boost(S_t, S_a, margin, beta, soft)`.
 
 # %%
-answer_2 = None   # your answer: a pair (gamma_1, gamma_2)
-teach.check_absolute_margins(answer_2)
+def relative_boost(S_t, S_a, margin=0.2, beta=1.0, soft=None):
+    """DBL's relative boosting loss L_rel (a scalar tensor)."""
+    ### BEGIN SOLUTION
+    S_t, S_a = S_t.float(), S_a.float()
+    negatives = ~torch.eye(S_t.shape[0], dtype=torch.bool)
+    total = 0.0
+    for dim in (1, 0):                                  # rows: image queries; columns: caption queries
+        positive = lambda S: S.diagonal().unsqueeze(dim)       # S_ii beside its row (or column)
+        gap_t, gap_a = positive(S_t) - S_t, positive(S_a) - S_a
+        m = margin * beta if soft is None else supremum_margin(gap_a, margin * beta, 2.0, soft)
+        cost = (m + gap_a - gap_t).clamp_min(0) * negatives
+        total = total + cost.amax(dim=dim).sum()
+    return total
+    ### END SOLUTION
+
+
+teach.check_relative_boost(relative_boost)
+
+# %% [markdown]
+# ### Exercise 5.3: absolute boosting
+# The target's positive must rise $\gamma_1$ above the anchor's, each hardest negative fall $\gamma_2$
+# below it, with $\gamma_1 = \gamma_2 = 0.5\,\gamma\beta$ in the released code:
+#
+# $$L_{abs} = 2\sum_i\big[\gamma_1 + S^a_{ii} - S^t_{ii}\big]_+ + \sum_i \max_{j\ne i}\big[\gamma_2 + S^t_{ij} - S^a_{ij}\big]_+ + \sum_j \max_{i\ne j}\big[\gamma_2 + S^t_{ij} - S^a_{ij}\big]_+$$
+#
+# With `soft`, $\gamma_1$ = `supremum_margin(S^a_ii, γ1, 1, soft)` and $\gamma_2$ =
+# `infimum_margin(S^a_ij, γ2, 1, soft)`. Write `absolute_boost(S_t, S_a, margin, beta, soft)`.
 
 # %%
-answer_3 = None   # your computation
-teach.check_momentum_schedule(500, 1000, answer_3)
+def absolute_boost(S_t, S_a, margin=0.2, beta=1.0, soft=None):
+    """DBL's absolute boosting loss L_abs (a scalar tensor)."""
+    ### BEGIN SOLUTION
+    S_t, S_a = S_t.float(), S_a.float()
+    half = 0.5 * margin * beta
+    m_pos = half if soft is None else supremum_margin(S_a.diagonal(), half, 1.0, soft)
+    m_neg = half if soft is None else infimum_margin(S_a, half, 1.0, soft)
+    positive = 2 * (m_pos + S_a.diagonal() - S_t.diagonal()).clamp_min(0).sum()
+    cost = (m_neg + S_t - S_a).clamp_min(0) * ~torch.eye(S_t.shape[0], dtype=torch.bool)
+    return positive + cost.amax(dim=1).sum() + cost.amax(dim=0).sum()
+    ### END SOLUTION
+
+
+teach.check_absolute_boost(absolute_boost)
+
+# %% [markdown]
+# ### Predict, then run: DBL's α on a UTO backbone
+# DBL's defaults ($\alpha = 1$, $\gamma = 0.2$) were tuned on a VSE++ backbone, whose own loss is
+# the triplet loss. On a USER backbone (`BoostedModel` with the unified objective) the target
+# minimises $\mathrm{UTO} + \alpha L_{rel}$. With $\alpha = 1$, which term drives the gradient on
+# the similarity matrix?
+#
+# - **(a)** UTO: $\alpha L_{rel}$ is a small correction at every batch size.
+# - **(b)** Both about equally, whatever the batch size.
+# - **(c)** $\alpha L_{rel}$, and more so as the batch grows.
+#
+# Write your prediction, then run the next cell.
+
+# %%
+### BEGIN SOLUTION
+prediction_alpha = "c"
+### END SOLUTION
+
+# %%
+import torch.nn.functional as F
+from userlab import boosting, losses
+
+rows = []
+for B in (8, 32, 128):
+    gen = torch.Generator().manual_seed(B)
+    V = F.normalize(torch.randn(B, 32, generator=gen), dim=1)
+    T = F.normalize(V + 0.8 * torch.randn(B, 32, generator=gen), dim=1)      # matching pairs
+    S = (V @ T.t()).requires_grad_()
+    S_anchor = (S + 0.05 * torch.randn(B, B, generator=gen)).detach()
+    uto = losses.unified_objective(S, V, T, lambda_batch=20.0).total          # USER's λ = 20, no queue
+    boost = 1.0 * boosting.relative_boost(S, S_anchor).total                  # α = 1
+    grads = [torch.autograd.grad(term, S)[0].norm().item() for term in (uto, boost)]
+    rows.append({"B": B, "|∇S UTO|": grads[0], "|∇S α·L_rel|": grads[1], "ratio": grads[1] / grads[0]})
+alpha_table = pd.DataFrame(rows).set_index("B")
+print(alpha_table.round(2).to_string())
+ratios = alpha_table["ratio"].to_numpy()
+growing = bool(np.all(np.diff(ratios) > 0))
+measured = "a" if ratios.max() < 0.5 else ("c" if ratios[-1] > 2 and growing else "b")
+teach.reveal(prediction_alpha, measured, {
+    "a": "UTO dominates.", "b": "the two are comparable.",
+    "c": "α·L_rel dominates, more so for larger batches: on a UTO backbone α needs scaling down."},
+    evidence=f"gradient ratio α·L_rel / UTO = {', '.join(f'{r:.1f}' for r in ratios)} at B = 8, 32, 128.")
