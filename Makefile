@@ -1,12 +1,13 @@
 # userlab: two commands set everything up on a fresh machine.
 #   make demo   build demo data, train USER and a VSE++ baseline, evaluate, draw figures
 #   make test   run every test (unit, notebooks in smoke mode, browser)
+#   make book   execute the notebooks (reusing make demo's checkpoints) into a static site, build/book/site
 PY      ?= python3
 VENV    := .venv
 VPY     := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed
 
-.PHONY: demo test install clean-venv
+.PHONY: demo test book install clean-venv
 
 $(STAMP): pyproject.toml
 	test -x $(VPY) || $(PY) -m venv $(VENV)
@@ -24,6 +25,9 @@ demo: $(STAMP)
 test: $(STAMP)
 	bash scripts/setup_browser.sh
 	USERLAB_SMOKE=1 $(VPY) -m pytest --nbmake --nbmake-timeout=900 tests notebooks
+
+book: $(STAMP)
+	$(VPY) scripts/build_book.py $(BOOK_ARGS)
 
 clean-venv:
 	rm -rf $(VENV)
