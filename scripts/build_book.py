@@ -5,7 +5,8 @@ to bottom (nbclient, in ``notebooks/``, so checkpoints are reused from ``runs/``
 into ``build/book/lessons/``, with the values of the parameters cell given on the command line
 injected right after it (as papermill does); then mkdocs renders them, figures inline as PNG
 data, into ``build/book/site/`` (open ``index.html``; no server and no network needed). The
-wall time of each notebook, and the machine's load average, go to ``build/book/timings.json``.
+wall and CPU time of each notebook (kernel included), and the machine's load average, go to
+``build/book/timings.json``.
 
     python scripts/build_book.py                      # full mode, demo data
     python scripts/build_book.py --smoke              # tiny data, seconds per notebook
@@ -80,8 +81,16 @@ def inject_parameters(nb, **values) -> bool:
     return True
 
 
-def execute(path: Path, out: Path, smoke: bool, params: dict, timeout: int) -> float:
-    """Execute notebook ``path`` into ``out``; returns its wall time in seconds."""
+def _cpu_seconds() -> float:
+    """User + system CPU time of this process and its finished children (the kernels)."""
+    import resource
+    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+def execute(path: Path, out: Path, smoke: bool, params: dict, timeout: int) -> tuple[float, float]:
+    """Execute notebook ``path`` into ``out``; returns its wall time and CPU time in seconds
+    (the CPU time, kernel included, does not grow when other programs share the cores)."""
     import nbformat
     from nbclient import NotebookClient
     nb = nbformat.read(path, as_version=4)
@@ -90,17 +99,17 @@ def execute(path: Path, out: Path, smoke: bool, params: dict, timeout: int) -> f
     os.environ["USERLAB_SMOKE"] = "1" if smoke else "0"
     os.environ.setdefault("MPLBACKEND", "module://matplotlib_inline.backend_inline")
     os.environ["PYTHONPATH"] = str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), _cpu_seconds()
     try:
         NotebookClient(nb, timeout=timeout, kernel_name="python3",
                        resources={"metadata": {"path": str(NOTEBOOKS)}}).execute()
     finally:
         os.environ.clear()
         os.environ.update(env_before)
-    seconds = time.perf_counter() - started
+    seconds, cpu = time.perf_counter() - started, _cpu_seconds() - cpu
     out.parent.mkdir(parents=True, exist_ok=True)
     nbformat.write(nb, out)
-    return seconds
+    return seconds, cpu
 
 
 def write_index(lessons: Path, paths: Sequence[Path], timings: dict, smoke: bool) -> None:
@@ -153,11 +162,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         for path in paths:
             load = os.getloadavg()[0]
             print(f"executing {path.name} ...", flush=True)
-            seconds = execute(path, lessons / path.name, args.smoke, params, args.timeout)
-            timings[path.stem] = {"seconds": round(seconds, 1), "smoke": args.smoke,
+            seconds, cpu = execute(path, lessons / path.name, args.smoke, params, args.timeout)
+            timings[path.stem] = {"seconds": round(seconds, 1), "cpu_seconds": round(cpu, 1), "smoke": args.smoke,
                                   "load_before": round(load, 2), "load_after": round(os.getloadavg()[0], 2),
                                   "cpus": os.cpu_count()}
-            print(f"  {seconds:.1f} s (load average {load:.1f} -> {os.getloadavg()[0]:.1f})", flush=True)
+            print(f"  {seconds:.1f} s wall, {cpu:.1f} s CPU (load average {load:.1f} -> "
+                  f"{os.getloadavg()[0]:.1f})", flush=True)
             build.mkdir(parents=True, exist_ok=True)
             timings_path.write_text(json.dumps(timings, indent=1) + "\n")
     write_index(lessons, paths, timings, args.smoke)
