@@ -120,6 +120,7 @@ def test_open_lesson_reads_parameters_and_environment(tiny, tmp_path, monkeypatc
     user = lesson.config("demo")
     assert (user.model.region_dim, user.model.num_regions, user.model.guide_dim) == (8, 4, 6)
     assert user.optim.device == "cpu" and user.data.batch_size == 16
+    assert (user.data.train_max_images, user.data.dev_max_images) == (200, 100)   # smoke: a slice
     explicit = open_lesson(data_dir=cfg.data.root, runs_dir=str(tmp_path / "r2"), device="cuda:1", smoke=True)
     assert explicit.runs_root == tmp_path / "r2" and explicit.device == "cuda:1"
     with pytest.raises(DataError, match="data folder not found"):

@@ -71,6 +71,8 @@ def demo_config(name: str = "demo", smoke: Optional[bool] = None, run: Optional[
 # ---------------------------------------------------------------------------------------------
 # the parameters cell
 # ---------------------------------------------------------------------------------------------
+#: Smoke mode on data other than the demo trains on the first / evaluates on the first images.
+SMOKE_TRAIN_IMAGES, SMOKE_DEV_IMAGES = 200, 100
 #: Environment variables that fill parameters left at None.
 ENV_DATA, ENV_RUNS, ENV_DEVICE = "USERLAB_DATA", "USERLAB_RUNS", "USERLAB_DEVICE"
 
@@ -148,7 +150,8 @@ class Lesson:
         """The ``demo`` (USER) or ``vsepp`` preset sized to these features and this mode.
 
         On other data the model's region width, region count and guide width are read from the
-        features; smoke mode shrinks batch, queue and epochs as :func:`demo_config` does.
+        features; smoke mode shrinks batch, queue and epochs as :func:`demo_config` does, and on
+        other data also trains on the first 200 images and evaluates on the first 100 dev images.
         ``overrides`` are dotted config fields, e.g. ``**{"model.enhancement": "cge"}``.
         """
         cfg = preset(name)
@@ -162,6 +165,8 @@ class Lesson:
             cfg.data.batch_size = 16
             cfg.momentum.queue_size = 64
             cfg.optim.epochs, cfg.optim.lr_step = 2, 0
+            if not self.demo:   # own data may be Flickr-sized: seconds means a slice of it
+                cfg.data.train_max_images, cfg.data.dev_max_images = SMOKE_TRAIN_IMAGES, SMOKE_DEV_IMAGES
         cfg = cfg.replace(**overrides) if overrides else cfg
         if "cge" in cfg.model.enhancement and not self.has_guide:
             raise ConfigError("model.enhancement", f"{cfg.model.enhancement!r} needs guide features "
