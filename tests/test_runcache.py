@@ -98,6 +98,11 @@ def test_recorded_margins_come_back_and_a_run_without_them_is_trained(tiny, monk
     reused = fit_cached(cfg, runs, callbacks=[again], progress=False)
     assert not reused.trained and len(calls) == 2
     pd.testing.assert_frame_equal(again.records, rec.records, check_dtype=False)
+    # records an older recorder wrote (a column missing) do not count: recorded afresh
+    margins = reused.run_dir / runcache.RECORDS_DIR / "margins.csv"
+    pd.read_csv(margins).drop(columns=["hardest_negative"]).to_csv(margins, index=False)
+    assert not MarginRecorder("SGE").load(margins.parent)
+    assert fit_cached(cfg, runs, callbacks=[MarginRecorder("SGE", max_images=8)], progress=False).trained
 
 
 def test_trainer_view_restores_queues_without_touching_the_run(tiny):

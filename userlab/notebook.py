@@ -414,6 +414,10 @@ class MarginRecorder:
         if not margins.is_file():
             return False
         records = pd.read_csv(margins)
+        from .viz import margin_records
+        expected = set(margin_records(np.eye(2), epoch=0, name=self.name).columns)
+        if not expected <= set(records.columns):
+            return False   # saved by an older recorder: record again
         if "model" in records.columns and records["model"].nunique() == 1 and \
                 records["model"].iloc[0] not in ("anchor", "target"):
             records["model"] = self.name
