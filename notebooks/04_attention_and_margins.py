@@ -60,7 +60,7 @@ for name, enhancement in variants.items():
 
 # %%
 runs = {name: trainers[name].load() for name in variants}
-test = encode_run(runs["SGE"], split="test", progress=False)[2]
+img, cap, test = encode_run(runs["SGE"], split="test")   # test embeddings, once (sections 6-7)
 n_show = min(16, test.num_images)
 batch = collate_batch([ImageView(test)[i] for i in range(n_show)])
 outputs = {}
@@ -135,7 +135,6 @@ viz.save(fig, "04_queue_state", figures_dir())
 # its 5 captions.
 
 # %%
-img, cap, test = encode_run(runs["SGE"], split="test", progress=False)
 fig = viz.plot_embedding_map(img, cap, method="pca")
 viz.save(fig, "04_embedding_map", figures_dir())
 
