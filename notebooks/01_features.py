@@ -65,7 +65,8 @@ fig, axes = plt.subplots(1, 3, figsize=(15, 5))
 for ax, i in zip(axes, range(3)):
     n_obj = scenes[i]["n_objects"] if scenes else train.num_regions
     weights = np.r_[np.ones(n_obj), np.full(train.num_regions - n_obj, 0.15)]
-    lesson.draw_attention(train, i, weights, ax=ax, annotate=0, title="\n".join(train.captions[5 * i:5 * i + 5]))
+    lesson.draw_attention(train, i, weights, ax=ax, annotate=0,   # boxes, or a heat map over a grid
+                          title="\n".join(train.captions[5 * i:5 * i + 5]))
 fig.tight_layout()
 viz.save(fig, "01_scenes_with_boxes", figures_dir())
 
