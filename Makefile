@@ -2,12 +2,13 @@
 #   make demo   build demo data, train USER and a VSE++ baseline, evaluate, draw figures
 #   make test   run every test (unit, notebooks in smoke mode, browser, the course release)
 #   make course write the student release of the notebooks (no solutions) to course/release/
+#   make book   execute the notebooks (reusing make demo's checkpoints) into a static site, build/book/site
 PY      ?= python3
 VENV    := .venv
 VPY     := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed
 
-.PHONY: demo test course install clean-venv
+.PHONY: demo test course book install clean-venv
 
 $(STAMP): pyproject.toml
 	test -x $(VPY) || $(PY) -m venv $(VENV)
@@ -29,6 +30,9 @@ test: $(STAMP)
 
 course: $(STAMP)
 	$(VPY) scripts/make_course.py --out course/release
+
+book: $(STAMP)
+	$(VPY) scripts/build_book.py $(BOOK_ARGS)
 
 clean-venv:
 	rm -rf $(VENV)

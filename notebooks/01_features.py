@@ -18,17 +18,24 @@
 #
 # Run with `USERLAB_SMOKE=1` to use the tiny data set (seconds).
 
+# %% tags=["parameters"]
+# Parameters (papermill can set them). None falls back to $USERLAB_DATA / $USERLAB_RUNS /
+# $USERLAB_DEVICE, then to the demo scenes, runs/ and the best device.
+data_dir = None   # features: a SCAN / VSE precomp folder or the output of `userlab extract`
+runs_dir = None   # checkpoints are reused from here; missing ones are trained into <runs_dir>/cache
+device = None     # "cpu", "cuda", "cuda:1", ...
+
 # %%
 import numpy as np
 import matplotlib.pyplot as plt
 
 from userlab import viz
-from userlab.notebook import SMOKE, demo_data, figures_dir
+from userlab.notebook import SMOKE, figures_dir, open_lesson
 from userlab.data.precomp import PrecompDataset, describe, find_precomp_dir
 from userlab.data.scenes import load_scenes
 from userlab.data.text import WordTokenizer, build_vocab, tokenize_words
 
-print("smoke mode:", SMOKE)
+lesson = open_lesson(data_dir, runs_dir, device)
 
 # %% [markdown]
 # ## 1. The demo data
@@ -37,12 +44,12 @@ print("smoke mode:", SMOKE)
 # box plus context boxes. The first call builds and caches the data.
 
 # %%
-folder = demo_data()
+folder = lesson.features.folder
 describe(folder)
 
 # %%
 train = PrecompDataset(folder, "train")
-scenes = load_scenes(folder, "train")
+scenes = load_scenes(folder, "train") if lesson.demo else None   # scene descriptions: demo only
 print(train)
 print("regions per image R =", train.num_regions, "| feature width F =", train.feature_dim,
       "| im_div =", train.im_div)
@@ -56,11 +63,10 @@ from PIL import Image
 
 fig, axes = plt.subplots(1, 3, figsize=(15, 5))
 for ax, i in zip(axes, range(3)):
-    image = np.asarray(Image.open(train.image_paths[i]).convert("RGB"))
-    n_obj = scenes[i]["n_objects"]
+    n_obj = scenes[i]["n_objects"] if scenes else train.num_regions
     weights = np.r_[np.ones(n_obj), np.full(train.num_regions - n_obj, 0.15)]
-    viz.plot_region_attention(image, train.boxes[i], weights, ax=ax, annotate=0,
-                              title="\n".join(train.captions[5 * i:5 * i + 5]))
+    lesson.draw_attention(train, i, weights, ax=ax, annotate=0,   # boxes, or a heat map over a grid
+                          title="\n".join(train.captions[5 * i:5 * i + 5]))
 fig.tight_layout()
 viz.save(fig, "01_scenes_with_boxes", figures_dir())
 
@@ -73,13 +79,13 @@ viz.save(fig, "01_scenes_with_boxes", figures_dir())
 n = min(train.num_images, 400)
 feats = np.stack([train.image_item(i)["regions"].numpy() for i in range(n)])
 is_object = np.zeros(feats.shape[:2], bool)
-for i in range(n):
-    is_object[i, :scenes[i]["n_objects"]] = True
+for i in range(n):   # without scene descriptions (own data) every region counts as an object
+    is_object[i, :scenes[i]["n_objects"] if scenes else train.num_regions] = True
 norms = np.linalg.norm(feats, axis=-1)
 
 colours, points = [], []
 for i in range(n):
-    for k, obj in enumerate(scenes[i]["objects"]):
+    for k, obj in enumerate(scenes[i]["objects"] if scenes else [{"colour": "region"}] * train.num_regions):
         colours.append(obj["colour"])
         points.append(feats[i, k])
 xy = viz.embedding_map_2d(np.stack(points), method="pca")

@@ -18,22 +18,28 @@
 # | momentum encoders | $\theta_k \leftarrow m\,\theta_k + (1-m)\,\theta_q$, $m = 0.999$ | `momentum.ema_update_` |
 # | queues | FIFO of the last $K$ key embeddings (and their image ids) | `momentum.MomentumQueue` |
 
+# %% tags=["parameters"]
+# Parameters (papermill can set them). None falls back to $USERLAB_DATA / $USERLAB_RUNS /
+# $USERLAB_DEVICE, then to the demo scenes, runs/ and the best device.
+data_dir = None   # features: a SCAN / VSE precomp folder or the output of `userlab extract`
+runs_dir = None   # checkpoints are reused from here; missing ones are trained into <runs_dir>/cache
+device = None     # "cpu", "cuda", "cuda:1", ...
+
 # %%
 import torch
 import matplotlib.pyplot as plt
 
 from userlab import viz
-from userlab.notebook import SMOKE, LiveCurves, demo_config, demo_data, figures_dir
+from userlab.notebook import SMOKE, LiveCurves, figures_dir, open_lesson
 from userlab.pipeline import prepare_data
 from userlab.data.precomp import collate_batch
 from userlab.models.user import RetrievalModel
 from userlab.losses import batch_hal_loss
-from userlab.train import Trainer, pick_device
+from userlab.train import pick_device
 
-device = pick_device()
-print("smoke mode:", SMOKE, "| device:", device)
-demo_data()
-cfg = demo_config("demo", run="02_train")
+lesson = open_lesson(data_dir, runs_dir, device)
+device = pick_device(lesson.device)
+cfg = lesson.config("demo")       # in full mode on the demo: the config `make demo` trained
 data = prepare_data(cfg)
 torch.manual_seed(cfg.optim.seed)
 model = RetrievalModel(cfg, vocab=data.vocab).to(device).train()
@@ -97,16 +103,18 @@ viz.save(fig, "02_queue_state", figures_dir())
 # %% [markdown]
 # ## 3. The Trainer with live curves
 # AdamW, step decay, gradient clipping at 2.0, dev evaluation each epoch (rSum), best checkpoint,
-# CSV logs in `run_dir`, AMP on a GPU. Re-running the cell resumes from the last checkpoint.
+# CSV logs in `run_dir`, AMP on a GPU. `lesson.fit` first looks for a finished run made with this
+# very config (`make demo` trained it as `runs/demo_user`) and loads it, drawing its logged
+# curves; only a config never trained before is trained here (`Trainer(cfg).fit()`, with a
+# progress bar, resumable) and cached in `runs/cache/<config hash>`.
 
 # %%
 live = LiveCurves(every=10)
-trainer = Trainer(cfg, data=data, callbacks=[live])
-history = trainer.fit()
-history
+run = lesson.fit(cfg, callbacks=[live])
+run.history
 
 # %%
-train_log, eval_log = viz.read_logs(cfg.run_dir)
+train_log, eval_log = viz.read_logs(run.run_dir)
 fig = viz.plot_loss_terms({"USER": train_log})
 viz.save(fig, "02_loss_terms", figures_dir())
 

@@ -21,21 +21,26 @@
 # five folds of 1000 images, every metric averaged over folds and rSum recomputed from the averages.
 # Same model, very different numbers: always say which protocol a number comes from.
 
+# %% tags=["parameters"]
+# Parameters (papermill can set them). None falls back to $USERLAB_DATA / $USERLAB_RUNS /
+# $USERLAB_DEVICE, then to the demo scenes, runs/ and the best device.
+data_dir = None   # features: a SCAN / VSE precomp folder or the output of `userlab extract`
+runs_dir = None   # checkpoints are reused from here; missing ones are trained into <runs_dir>/cache
+device = None     # "cpu", "cuda", "cuda:1", ...
+
 # %%
 import numpy as np
 import torch
 
 from userlab import viz
-from userlab.notebook import SMOKE, demo_config, demo_data, figures_dir
+from userlab.notebook import SMOKE, figures_dir, open_lesson
 from userlab.evaluate import evaluate_sims, format_table, retrieval_ranks
-from userlab.experiment import fit_experiment
-from userlab.runs import encode_run, load_run
+from userlab.runs import encode_run
 from userlab.evaluate import similarity
 
-demo_data()
-cfg = demo_config("demo", run="02_train")      # the run notebook 02 trained (trained here if missing)
-fit_experiment(cfg)
-run = load_run(cfg.run_dir)
+lesson = open_lesson(data_dir, runs_dir, device)
+cfg = lesson.config("demo")     # the run `make demo` / notebook 02 trained (trained here if missing)
+run = lesson.fit(cfg).load()
 img, cap, test = encode_run(run, split="test")
 sims = similarity(img, cap).cpu()
 print("similarity matrix", tuple(sims.shape))

@@ -18,30 +18,39 @@
 # | enhancement | $\hat R_k = R_k + \beta_k\, g$ | `models.image.region_attention` |
 # | margin of a query | $m = S_{\text{pos}} - \max_{\text{neg}} S_{\text{neg}}$ (hinge active when $m < 0.2$) | `viz.margin_records` |
 
+# %% tags=["parameters"]
+# Parameters (papermill can set them). None falls back to $USERLAB_DATA / $USERLAB_RUNS /
+# $USERLAB_DEVICE, then to the demo scenes, runs/ and the best device.
+data_dir = None   # features: a SCAN / VSE precomp folder or the output of `userlab extract`
+runs_dir = None   # checkpoints are reused from here; missing ones are trained into <runs_dir>/cache
+device = None     # "cpu", "cuda", "cuda:1", ...
+
 # %%
+import matplotlib.pyplot as plt
 import numpy as np
 import torch
 
 from userlab import viz, widgets
-from userlab.notebook import SMOKE, MarginRecorder, demo_config, demo_data, figures_dir
-from userlab.experiment import fit_experiment
-from userlab.runs import encode_run, load_run
+from userlab.notebook import SMOKE, MarginRecorder, figures_dir, open_lesson
+from userlab.runs import encode_run
 from userlab.evaluate import move_batch, similarity
 from userlab.data.precomp import ImageView, collate_batch
 
-demo_data()
+lesson = open_lesson(data_dir, runs_dir, device)
 # Full mode trains on the first 1000 demo scenes for 3 epochs: a few minutes per model on a
-# 2-core CPU. Set `train_max_images = None` to use all 5000 (and more epochs) for sharper maps.
-epochs = 2 if SMOKE else 3
-train_max_images = None if SMOKE else 1000
+# 2-core CPU, once: the runs (and the margins recorded while they trained) are cached by config,
+# so a rerun loads them. Set `train_max_images = None` to use all 5000 for sharper maps.
+epochs = 2 if lesson.smoke else 3
+train_max_images = None if lesson.smoke else 1000
 variants = {"SGE": "sge", "CGE": "cge", "none": "none"}
+if not lesson.has_guide:
+    variants.pop("CGE")            # CGE needs guide features ({split}_guide.npy)
 trainers, recorders = {}, {}
 for name, enhancement in variants.items():
-    cfg = demo_config("demo", run=f"04_{enhancement}", **{"model.enhancement": enhancement,
-                                                          "optim.epochs": epochs, "optim.lr_step": 0,
-                                                          "data.train_max_images": train_max_images})
+    cfg = lesson.config("demo", **{"model.enhancement": enhancement, "optim.epochs": epochs,
+                                   "optim.lr_step": 0, "data.train_max_images": train_max_images})
     recorders[name] = MarginRecorder(name)
-    trainers[name] = fit_experiment(cfg, callbacks=[recorders[name]], resume=False)  # record margins afresh
+    trainers[name] = lesson.fit(cfg, callbacks=[recorders[name]])
     print(name, "best dev rSum:", round(trainers[name].best_rsum, 1))
 
 # %% [markdown]
@@ -50,8 +59,8 @@ for name, enhancement in variants.items():
 # global vector; $\beta$ decides how much of it each region receives.
 
 # %%
-runs = {name: load_run(trainers[name].cfg.run_dir) for name in variants}
-test = encode_run(runs["SGE"], split="test", progress=False)[2]
+runs = {name: trainers[name].load() for name in variants}
+img, cap, test = encode_run(runs["SGE"], split="test")   # test embeddings, once (sections 6-7)
 n_show = min(16, test.num_images)
 batch = collate_batch([ImageView(test)[i] for i in range(n_show)])
 outputs = {}
@@ -60,12 +69,11 @@ with torch.no_grad():
         device = next(run.model.parameters()).device
         outputs[name] = run.model.encode_image(move_batch(batch, device))
 
-from PIL import Image
-image0 = np.asarray(Image.open(test.image_paths[0]).convert("RGB"))
+# boxes when the features have boxes, a heat map over the grid for grid features
 sge = viz.attention_weights(outputs["SGE"], 0)
-fig = viz.plot_region_attention(image0, test.boxes[0], sge["alpha"], title="SGE α (global-vector weights)")
+fig = lesson.draw_attention(test, 0, sge["alpha"], title="SGE α (global-vector weights)")
 viz.save(fig, "04_sge_alpha", figures_dir())
-fig = viz.plot_region_attention(image0, test.boxes[0], sge["beta"], title="SGE β (region attention)")
+fig = lesson.draw_attention(test, 0, sge["beta"], title="SGE β (region attention)")
 viz.save(fig, "04_sge_beta", figures_dir())
 
 # %% [markdown]
@@ -74,9 +82,15 @@ viz.save(fig, "04_sge_beta", figures_dir())
 # instead of from the regions themselves.
 
 # %%
-cge = viz.attention_weights(outputs["CGE"], 0)
-fig = viz.plot_attention_comparison(image0, test.boxes[0],
-                                    {"SGE β": sge["beta"], "CGE β": cge["beta"], "none": None})
+maps = {(name if name == "none" else f"{name} β"): viz.attention_weights(outputs[name], 0)["beta"]
+        for name in variants}
+if lesson.features.layout == "boxes":
+    fig = viz.plot_attention_comparison(lesson.image(test, 0), test.boxes[0], maps)
+else:
+    fig, axes = plt.subplots(1, len(maps), figsize=(4.2 * len(maps), 3.8), squeeze=False)
+    for ax, (name, w) in zip(axes[0], maps.items()):
+        lesson.draw_attention(test, 0, w, title=name if w is not None else f"{name} (no attention)", ax=ax)
+    fig.tight_layout()
 viz.save(fig, "04_cge_vs_sge", figures_dir())
 
 # %% [markdown]
@@ -106,11 +120,12 @@ viz.violation_table(records)
 # the queue (the false negatives that `momentum.mask_same_image` removes).
 
 # %%
-model = trainers["SGE"].model
-cap_batch = collate_batch([trainers["SGE"].data.train[i] for i in range(32)])
+sge_trainer = trainers["SGE"].trainer()     # the run's last checkpoint, queues included
+model = sge_trainer.model
+cap_batch = collate_batch([sge_trainer.data.train[i] for i in range(32)])
 with torch.no_grad():
     model.eval()
-    q = model.encode_image(move_batch(cap_batch, trainers["SGE"].device)).embedding
+    q = model.encode_image(move_batch(cap_batch, sge_trainer.device)).embedding
 fig = viz.plot_queue_state(model.text_queue, query_emb=q, query_ids=cap_batch["image_id"])
 viz.save(fig, "04_queue_state", figures_dir())
 
@@ -120,7 +135,6 @@ viz.save(fig, "04_queue_state", figures_dir())
 # its 5 captions.
 
 # %%
-img, cap, test = encode_run(runs["SGE"], split="test", progress=False)
 fig = viz.plot_embedding_map(img, cap, method="pca")
 viz.save(fig, "04_embedding_map", figures_dir())
 
@@ -139,7 +153,7 @@ browser.widget
 
 # %%
 attention = {name: (None if out.beta is None else out.beta.cpu().numpy()) for name, out in outputs.items()}
-explorer = widgets.AttentionExplorer(test.image_paths[:n_show], np.asarray(test.boxes[:n_show]), attention)
+explorer = lesson.attention_explorer(test, attention, n_show)   # boxes or grid heat maps
 explorer.widget
 
 # %%

@@ -18,21 +18,28 @@
 # | soft adaptation | $m' = \min(m, e - r)$ (hard) or $m\tanh((e-r)/m)$ (soft) | `boosting.supremum_margin` |
 # | momentum anchor | $m(t) = 1 - (1-m_0)\,\tfrac12(1+\cos(\pi t/T))$ | `momentum.cosine_momentum` |
 
+# %% tags=["parameters"]
+# Parameters (papermill can set them). None falls back to $USERLAB_DATA / $USERLAB_RUNS /
+# $USERLAB_DEVICE, then to the demo scenes, runs/ and the best device.
+data_dir = None   # features: a SCAN / VSE precomp folder or the output of `userlab extract`
+runs_dir = None   # checkpoints are reused from here; missing ones are trained into <runs_dir>/cache
+device = None     # "cpu", "cuda", "cuda:1", ...
+
 # %%
 import numpy as np
 import pandas as pd
 import torch
 
 from userlab import viz
-from userlab.notebook import SMOKE, MarginRecorder, demo_config, demo_data, figures_dir
-from userlab.experiment import fit_experiment
+from userlab.notebook import SMOKE, MarginRecorder, figures_dir, open_lesson
 from userlab.runs import evaluate_runs
 
-demo_data()
+lesson = open_lesson(data_dir, runs_dir, device)
 # Full mode: 4 epochs over the first 1000 demo scenes (the first with VSE0 warm-up, see
-# `preset("vsepp")`), a few minutes per run on a 2-core CPU; `None` trains on all 5000.
-epochs = 2 if SMOKE else 4
-base = {"optim.epochs": epochs, "optim.lr_step": 0, "data.train_max_images": None if SMOKE else 1000}
+# `preset("vsepp")`), a few minutes per run on a 2-core CPU, once: runs are cached by config and
+# a rerun loads them. `None` trains on all 5000.
+epochs = 2 if lesson.smoke else 4
+base = {"optim.epochs": epochs, "optim.lr_step": 0, "data.train_max_images": None if lesson.smoke else 1000}
 
 # %% [markdown]
 # ## 1. The idea in a picture: anchor vs target
@@ -40,9 +47,9 @@ base = {"optim.epochs": epochs, "optim.lr_step": 0, "data.train_max_images": Non
 # its margins. Both margins are drawn for the same dev queries.
 
 # %%
-cfg = demo_config("vsepp", run="05_offline", **base, **{"boost.schedule": "offline", "boost.strategy": "relative"})
+cfg = lesson.config("vsepp", **base, **{"boost.schedule": "offline", "boost.strategy": "relative"})
 offline_rec = MarginRecorder("offline")
-offline = fit_experiment(cfg, callbacks=[offline_rec], resume=False)
+offline = lesson.fit(cfg, callbacks=[offline_rec])
 records = offline_rec.records
 last = records[records.epoch == records.epoch.max()]
 fig = viz.plot_margin_distributions(last, hue="model")
@@ -54,9 +61,9 @@ last.groupby("model")["margin"].describe()[["mean", "50%", "min"]]
 # The online schedule trains both branches together, so the gap can be watched as it opens.
 
 # %%
-cfg = demo_config("vsepp", run="05_online", **base, **{"boost.schedule": "online", "boost.strategy": "relative"})
+cfg = lesson.config("vsepp", **base, **{"boost.schedule": "online", "boost.strategy": "relative"})
 online_rec = MarginRecorder("online")
-online = fit_experiment(cfg, callbacks=[online_rec], resume=False)
+online = lesson.fit(cfg, callbacks=[online_rec])
 fig = viz.plot_margin_distributions(online_rec.records, hue="model")
 viz.save(fig, "05_margins_per_epoch", figures_dir())
 online_rec.violations
@@ -66,13 +73,13 @@ online_rec.violations
 # Same backbone (VSE++), same epochs; the momentum schedule's anchor is an EMA of the target.
 
 # %%
-cfg = demo_config("vsepp", run="05_momentum", **base,
-                  **{"boost.schedule": "momentum", "boost.strategy": "relative", "boost.momentum_teacher": 0.99})
-momentum = fit_experiment(cfg)
-plain = fit_experiment(demo_config("vsepp", run="05_plain", **base))
-runs = {"VSE++": plain.cfg.run_dir, "DBL offline": offline.cfg.run_dir,
-        "DBL online": online.cfg.run_dir, "DBL momentum": momentum.cfg.run_dir}
-table = evaluate_runs(runs, split="test", data_root=demo_config("vsepp").data.root)
+cfg = lesson.config("vsepp", **base,
+                    **{"boost.schedule": "momentum", "boost.strategy": "relative", "boost.momentum_teacher": 0.99})
+momentum = lesson.fit(cfg)
+plain = lesson.fit(lesson.config("vsepp", **base))
+runs = {"VSE++": plain.run_dir, "DBL offline": offline.run_dir,
+        "DBL online": online.run_dir, "DBL momentum": momentum.run_dir}
+table = evaluate_runs(runs, split="test", data_root=str(lesson.data_root))
 fig = viz.plot_recall_bars(table)
 viz.save(fig, "05_schedules", figures_dir())
 table[["model", "i2t_R@1", "t2i_R@1", "rsum"]]
@@ -86,12 +93,11 @@ table[["model", "i2t_R@1", "t2i_R@1", "rsum"]]
 # %%
 from userlab import ablation
 
-from userlab.notebook import repo_root
-
-data_root = demo_config("vsepp").data.root
-grid = (ablation.smoke_grid(data_root=data_root, out_dir=str(repo_root() / "runs" / "05_ablation_smoke")) if SMOKE
-        else ablation.default_grid(data_root=data_root, out_dir=str(repo_root() / "runs" / "ablation")))
-results = ablation.run_ablation(grid, progress=False)
+# the grid keeps its results (results.csv) in its folder: a rerun skips the cells it holds
+data_root = str(lesson.data_root)
+grid = (ablation.smoke_grid(data_root=data_root, out_dir=str(lesson.run_folder("05_ablation"))) if lesson.smoke
+        else ablation.default_grid(data_root=data_root, out_dir=str(lesson.run_folder("ablation"))))
+results = ablation.run_ablation(grid, progress=True)
 summary = ablation.summarize(results)
 print(ablation.format_summary(summary))
 fig = ablation.plot_ablation(results)

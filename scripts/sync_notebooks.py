@@ -19,7 +19,8 @@ def build(py: Path):
     nb.metadata = {"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"},
                    "jupytext": {"formats": "ipynb,py:percent"}}
     for i, cell in enumerate(nb.cells):
-        cell.metadata = {}
+        # only tags survive (the parameters cell's "parameters" tag is what papermill looks for)
+        cell.metadata = {"tags": cell.metadata["tags"]} if cell.metadata.get("tags") else {}
         cell["id"] = f"cell-{i:02d}"  # deterministic ids keep diffs quiet
         if cell.cell_type == "code":
             cell.outputs = []

@@ -180,3 +180,73 @@ def test_margin_explorer_follows_epoch_and_threshold():
     rate = 100.0 * sum(v < 0.5 for v in m) / len(m)
     assert explorer.figure.axes[0].get_title() == f"epoch 4: margin < 0.5 for {rate:.1f}%"
     assert f"{rate:.1f}%" in explorer.status.value
+
+
+# --------------------------------------------------------------------------- behaviour in JupyterLab
+
+def _browsers():
+    rng = np.random.default_rng(5)
+    records = pd.concat([viz.margin_records(rng.standard_normal((4, 20)) + e, e) for e in (0, 1)])
+    boxes = np.tile([[0, 0, 10, 10], [5, 5, 20, 20]], (3, 1, 1)).astype(float)
+    return [RetrievalBrowser(rng.uniform(size=(1000, 5000)), _dataset(1000), render=False),
+            AttentionExplorer(None, boxes, {"SGE": rng.uniform(size=(3, 2))}, render=False),
+            MarginExplorer(records, render=False)]
+
+
+def test_sliders_report_on_release_only():
+    import ipywidgets
+    for browser in _browsers():
+        sliders = [c for c in browser.controls.values()
+                   if isinstance(c, (ipywidgets.IntSlider, ipywidgets.FloatSlider, ipywidgets.SelectionSlider))]
+        assert sliders, type(browser).__name__
+        for s in sliders:
+            assert s.continuous_update is False, (type(browser).__name__, s.description)
+
+
+def test_a_redraw_happens_only_when_a_control_changed():
+    browser = _browsers()[0]
+    assert browser.draws == 1 and browser.controls["caption"].max == 4999
+    browser.update()
+    browser.controls["image"].value = 0        # the value it already had
+    assert browser.draws == 1
+    browser.caption_box.value = 4321           # the number box drives the caption slider
+    assert browser.controls["caption"].value == 4321 and browser.draws == 2
+    assert browser.status.value.startswith("caption 4321") and browser.controls["mode"].value == "t2i"
+    browser.controls["caption"].value = 12
+    assert browser.caption_box.value == 12 and browser.draws == 3
+
+
+def test_pictures_keep_their_own_size_and_are_rendered_for_high_dpi():
+    from userlab.widgets import _DPI, _PIXEL_RATIO, _png_size
+    browser = RetrievalBrowser(np.random.default_rng(6).uniform(size=(6, 30)), _dataset(6))
+    width, height = _png_size(browser._view.value)
+    assert browser._view.layout.width == f"{width // _PIXEL_RATIO}px"
+    assert browser._view.layout.height == "auto" and browser._view.layout.align_self == "flex-start"
+    # the PNG holds 2 px per CSS pixel at 90 dpi: about twice the figure's inches x 90
+    fig_w, fig_h = browser.figure.get_size_inches()
+    assert 0.6 * fig_w * _DPI * _PIXEL_RATIO < width <= fig_w * _DPI * _PIXEL_RATIO + 2
+    small = _png_size(browser._view.value)
+    browser.controls["k"].value = 1              # fewer results: a narrower figure, a narrower view
+    assert _png_size(browser._view.value) != small
+    assert browser._view.layout.width == f"{_png_size(browser._view.value)[0] // _PIXEL_RATIO}px"
+
+
+def test_every_error_is_shown_in_the_widget_not_raised():
+    def broken_encoder(text):
+        raise RuntimeError(f"cannot encode {text!r}")
+
+    browser = RetrievalBrowser(np.zeros((3, 15)), _dataset(3), encode_caption=broken_encoder,
+                               image_embeddings=np.ones((3, 4)), render=False)
+    good = browser.figure
+    browser.controls["text"].value = "a red circle"        # the callback must not raise
+    assert isinstance(browser.error, RuntimeError)
+    assert "RuntimeError: cannot encode &#x27;a red circle&#x27;" in browser.status.value
+    assert "<details>" in browser.details.value and "broken_encoder" in browser.details.value
+    assert browser.figure is good and not plt.get_fignums()
+    assert browser.details in browser.widget.children and browser.status in browser.widget.children
+    browser.controls["mode"].value = "i2t"                 # a good redraw clears the error
+    assert browser.error is None and browser.details.value == "" and browser.figure is not good
+
+    records = pd.DataFrame({"epoch": [0, 0], "margin": [0.1, "oops"]})   # a bad column
+    explorer = MarginExplorer(records, render=False)
+    assert explorer.error is not None and explorer.error.__class__.__name__ in explorer.status.value

@@ -1,14 +1,23 @@
-"""Small helpers the notebooks share: smoke mode, demo data, demo configs and runs.
+"""Small helpers the notebooks share: parameters, smoke mode, data, cached runs, recorders.
 
 ``USERLAB_SMOKE=1`` (set by ``make test``) makes every notebook use the tiny demo data and a few
 training steps, so the whole notebook runs in seconds; without it the notebooks use the default
-demo data and the demo preset (minutes on a 2-core CPU).
+demo data and the demo preset.
+
+Every notebook opens with one parameters cell (``data_dir``, ``runs_dir``, ``device``; tagged
+``parameters`` for papermill) and hands it to :func:`open_lesson`. ``None`` falls back to the
+environment (``USERLAB_DATA``, ``USERLAB_RUNS``, ``USERLAB_DEVICE``), then to the demo data and
+``runs/``; see :mod:`userlab.lesson` (re-exported here). :meth:`Lesson.fit` trains through
+:func:`userlab.runcache.fit_cached`: a model whose configuration was trained before (by
+``make demo`` or an earlier notebook) is loaded, not retrained.
 """
 from __future__ import annotations
 
 import os
 from pathlib import Path
 from typing import Optional
+
+import numpy as np
 
 from .config import ExperimentConfig, preset
 
@@ -90,6 +99,18 @@ class LiveCurves:
 
     def on_epoch_end(self, trainer) -> None:
         pass
+
+    def load(self, folder: Path) -> bool:
+        """A reused run: draw its logged curves once (``folder`` is ``<run>/records``)."""
+        import pandas as pd
+        run = Path(folder).parent
+        if not (run / "train_log.csv").is_file():
+            return True   # nothing to draw, nothing to retrain for
+        self.steps = pd.read_csv(run / "train_log.csv").to_dict("records")
+        if (run / "eval_log.csv").is_file():
+            self.evals = pd.read_csv(run / "eval_log.csv").to_dict("records")
+        self.draw()
+        return True
 
     def draw(self):
         import matplotlib.pyplot as plt
@@ -178,7 +199,46 @@ class MarginRecorder:
         import pandas as pd
         return pd.concat(self.frames, ignore_index=True) if self.frames else pd.DataFrame()
 
+    # -- kept beside the checkpoint by userlab.runcache ----------------------------------------
+    def _paths(self, folder: Path) -> tuple[Path, Path]:
+        return Path(folder) / "margins.csv", Path(folder) / "violations.csv"
+
+    def save(self, folder: Path) -> None:
+        """Write the records (``margins.csv``, ``violations.csv``) into ``folder``."""
+        from .io import atomic_write_text
+        margins, violations = self._paths(folder)
+        margins.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(violations, self.violations.to_csv(index=False))
+        atomic_write_text(margins, self.records.to_csv(index=False))
+
+    def load(self, folder: Path) -> bool:
+        """Read records saved by :meth:`save` (the name column is set to this recorder's name
+        for a single-branch model); False when there are none."""
+        import pandas as pd
+        margins, violations = self._paths(folder)
+        if not margins.is_file():
+            return False
+        records = pd.read_csv(margins)
+        from .viz import margin_records
+        expected = set(margin_records(np.eye(2), epoch=0, name=self.name).columns)
+        if not expected <= set(records.columns):
+            return False   # saved by an older recorder: record again
+        if "model" in records.columns and records["model"].nunique() == 1 and \
+                records["model"].iloc[0] not in ("anchor", "target"):
+            records["model"] = self.name
+        self.frames = [records]
+        try:
+            self.violation_rows = pd.read_csv(violations).to_dict("records")
+        except (FileNotFoundError, pd.errors.EmptyDataError):
+            self.violation_rows = []
+        return True
+
     @property
     def violations(self):
         import pandas as pd
         return pd.DataFrame(self.violation_rows)
+
+
+# the parameters cell and what it resolves to (defined in userlab.lesson, imported from here)
+from .lesson import (ENV_DATA, ENV_DEVICE, ENV_RUNS, FeatureInfo, Lesson, feature_info,  # noqa: E402
+                     open_lesson)

@@ -10,7 +10,18 @@ Every browser exposes
   notebooks do not show it twice and figures do not pile up; still inspectable).
 
 Figures are rendered to PNG into an ``ipywidgets.Image``, which works in JupyterLab, classic
-notebooks and VS Code without any matplotlib backend magic.
+notebooks and VS Code without any matplotlib backend magic. How they behave in JupyterLab:
+
+- **fixed sizes**: the PNG is rendered at twice the display resolution and shown at its own
+  size in CSS pixels (``width`` set, height following the aspect ratio, never stretched by the
+  flex box around it; narrower than the output area only if the area is narrower), so it is
+  sharp on high-DPI screens and never blurred by rescaling;
+- **no redraw per slider tick**: sliders have ``continuous_update=False`` (dragging the
+  5000-caption slider redraws once, on release; arrow keys step one at a time), and a redraw
+  whose controls did not change is skipped;
+- **errors stay in the widget**: any exception raised while drawing (a userlab error or not) is
+  shown in the browser's status line with its type and message, and the traceback in a fold-out
+  below it (:attr:`_FigureBrowser.error` keeps it), instead of going to JupyterLab's log console.
 
 - :class:`RetrievalBrowser`: pick an image (top-k captions) or a caption (top-k images), or type
   a caption: unknown words are flagged and, with an ``encode_caption`` callback, the typed
@@ -24,6 +35,7 @@ from __future__ import annotations
 
 import html
 import io
+import traceback
 from typing import Any, Callable, Mapping, Optional, Sequence
 
 import ipywidgets as widgets
@@ -36,7 +48,18 @@ from .errors import ConfigError, DataError, UserlabError
 
 __all__ = ["RetrievalBrowser", "AttentionExplorer", "MarginExplorer", "make_caption_encoder"]
 
-_DPI = 90
+_DPI = 90          # display resolution: one inch of figure = 90 CSS pixels
+_PIXEL_RATIO = 2   # the PNG carries twice that many pixels, for high-DPI screens
+
+
+def _png_size(data: bytes) -> tuple[int, int]:
+    """``(width, height)`` in pixels from a PNG's IHDR chunk."""
+    return int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+
+
+def slider(kind: type, **kwargs: Any) -> widgets.Widget:
+    """A slider that tells the kernel its value on release only (``continuous_update=False``)."""
+    return kind(continuous_update=False, **kwargs)
 
 
 class _FigureBrowser:
@@ -45,45 +68,84 @@ class _FigureBrowser:
     Args:
         render: draw each new figure to PNG for display (False skips the PNG, e.g. in tests
             that only inspect ``figure``).
+
+    Attributes:
+        error: the exception of the last failed redraw (None after a successful one).
+        draws: how many figures were drawn (a skipped redraw does not count).
     """
 
     def __init__(self, render: bool = True):
         self.render = render
         self.controls: dict[str, widgets.Widget] = {}
         self.figure: Optional[plt.Figure] = None
+        self.error: Optional[BaseException] = None
+        self.draws = 0
         self.status = widgets.HTML(value="")
-        self._view = widgets.Image(format="png", layout=widgets.Layout(max_width="100%"))
+        self.details = widgets.HTML(value="")   # traceback of the last error, folded
+        # align_self keeps the column's flex box from stretching the picture to its width
+        self._view = widgets.Image(format="png", layout=widgets.Layout(
+            max_width="100%", height="auto", align_self="flex-start", object_fit="contain"))
         self._busy = False  # set while a callback changes another control programmatically
+        self._drawn_state: Optional[tuple] = None
         self.widget: widgets.Widget = widgets.VBox([])
 
     def _assemble(self, rows: Sequence[widgets.Widget]) -> None:
-        self.widget = widgets.VBox(list(rows) + [self.status, self._view])
+        self.widget = widgets.VBox(list(rows) + [self.status, self.details, self._view])
 
     def _show(self, fig: plt.Figure) -> None:
         if self.render:
             buf = io.BytesIO()
-            fig.savefig(buf, format="png", dpi=_DPI, bbox_inches="tight")
-            self._view.value = buf.getvalue()
+            fig.savefig(buf, format="png", dpi=_DPI * _PIXEL_RATIO, bbox_inches="tight")
+            data = buf.getvalue()
+            width, _ = _png_size(data)
+            self._view.value = data
+            self._view.layout.width = f"{width // _PIXEL_RATIO}px"   # its own size, in CSS pixels
         plt.close(fig)  # the PNG (or the attribute) keeps it; pyplot must not
         self.figure = fig
+        self.draws += 1
 
     def _draw(self) -> plt.Figure:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def _state(self) -> tuple:
+        """The control values a figure depends on (equal state: no redraw needed)."""
+        return tuple((name, repr(c.value)) for name, c in sorted(self.controls.items()))
+
+    def _show_error(self, err: BaseException) -> None:
+        self.error = err
+        kind = "" if isinstance(err, UserlabError) else f"{type(err).__name__}: "
+        self.status.value = (f"<span style='color:{viz.MISS_COLOUR}'>{html.escape(kind + str(err))}"
+                             f"</span>")
+        trace = "".join(traceback.format_exception(type(err), err, err.__traceback__))
+        self.details.value = ("" if isinstance(err, UserlabError) else
+                              "<details><summary>traceback</summary><pre style='font-size:11px'>"
+                              f"{html.escape(trace)}</pre></details>")
+
     def update(self, *_: Any) -> Optional[plt.Figure]:
         """Redraw from the current control values; returns the new figure.
 
-        A userlab error (bad index, shape mismatch) is shown in the status line instead of
-        raising inside the widget callback.
+        Nothing is redrawn when the controls hold the values of the figure on show. An error
+        (a userlab error such as a bad index, or any other exception) is shown in the status
+        line, with the traceback in a fold-out for non-userlab errors, instead of raising inside
+        the widget callback, where JupyterLab would only log it.
         """
         if self._busy:
             return self.figure
+        state = self._state()
+        if state == self._drawn_state and self.error is None and self.figure is not None:
+            return self.figure
+        open_before = set(plt.get_fignums())
         try:
             fig = self._draw()
-        except UserlabError as err:
-            self.status.value = f"<span style='color:{viz.MISS_COLOUR}'>{html.escape(str(err))}</span>"
+            self._show(fig)
+        except Exception as err:  # noqa: BLE001 - every error belongs in the widget, not the log
+            for number in set(plt.get_fignums()) - open_before:
+                plt.close(number)            # a figure the failed draw left half-made
+            self._show_error(err)
             return self.figure
-        self._show(fig)
+        self.error = None
+        self.details.value = ""
+        self._drawn_state = state
         return fig
 
     def _set_quietly(self, name: str, value: Any) -> None:
@@ -164,20 +226,25 @@ class RetrievalBrowser(_FigureBrowser):
             "mode": widgets.ToggleButtons(options=[("image → captions", "i2t"),
                                                    ("caption → images", "t2i"),
                                                    ("typed caption", "text")], value="i2t"),
-            "image": widgets.IntSlider(value=0, min=0, max=n_img - 1, description="image"),
-            "caption": widgets.IntSlider(value=0, min=0, max=n_cap - 1, description="caption"),
+            "image": slider(widgets.IntSlider, value=0, min=0, max=n_img - 1, description="image"),
+            "caption": slider(widgets.IntSlider, value=0, min=0, max=n_cap - 1, description="caption"),
             "text": widgets.Text(value="", placeholder="type a caption and press enter",
                                  description="caption", continuous_update=False,
                                  layout=widgets.Layout(width="60%")),
-            "k": widgets.IntSlider(value=max(1, min(int(k), 10, n_img)), min=1,
-                                   max=max(1, min(10, n_img)), description="top k"),
+            "k": slider(widgets.IntSlider, value=max(1, min(int(k), 10, n_img)), min=1,
+                        max=max(1, min(10, n_img)), description="top k"),
         }
+        # 5000 captions are too many to pick by dragging: a number box, linked to the slider
+        self.caption_box = widgets.BoundedIntText(value=0, min=0, max=n_cap - 1, continuous_update=False,
+                                                  layout=widgets.Layout(width="90px"))
+        widgets.link((self.controls["caption"], "value"), (self.caption_box, "value"))
         self.controls["mode"].observe(self.update, names="value")
         self.controls["k"].observe(self.update, names="value")
         for name, mode in (("image", "i2t"), ("caption", "t2i"), ("text", "text")):
             self.controls[name].observe(self._switcher(mode), names="value")
         c = self.controls
-        self._assemble([c["mode"], widgets.HBox([c["image"], c["caption"], c["k"]]), c["text"]])
+        self._assemble([c["mode"], widgets.HBox([c["image"], c["caption"], self.caption_box, c["k"]]),
+                        c["text"]])
         self.update()
 
     def _switcher(self, mode: str) -> Callable[[Any], None]:
@@ -335,7 +402,7 @@ class AttentionExplorer(_FigureBrowser):
         self.n_images = n
         names = list(self.attention)
         self.controls = {
-            "image": widgets.IntSlider(value=0, min=0, max=n - 1, description="image"),
+            "image": slider(widgets.IntSlider, value=0, min=0, max=n - 1, description="image"),
             "name": widgets.ToggleButtons(options=names + ([ALL] if len(names) > 1 else []),
                                           value=names[0]),
         }
@@ -406,9 +473,9 @@ class MarginExplorer(_FigureBrowser):
         if not epochs:
             raise DataError(None, "margin records are empty")
         self.controls = {
-            "epoch": widgets.SelectionSlider(options=epochs, value=epochs[0], description="epoch"),
-            "threshold": widgets.FloatSlider(value=float(threshold), min=-1.0, max=1.0, step=0.05,
-                                             description="threshold"),
+            "epoch": slider(widgets.SelectionSlider, options=epochs, value=epochs[0], description="epoch"),
+            "threshold": slider(widgets.FloatSlider, value=float(threshold), min=-1.0, max=1.0, step=0.05,
+                                description="threshold"),
         }
         for control in self.controls.values():
             control.observe(self.update, names="value")
