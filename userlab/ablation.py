@@ -343,6 +343,10 @@ def _write_results(path: Path, df: pd.DataFrame) -> None:
 
 def _comparable(d: dict[str, Any]) -> dict[str, Any]:
     d = json.loads(json.dumps(d))
+    try:  # fill fields added to the config since the run was made with their defaults
+        d = ExperimentConfig.from_dict(d).to_dict()
+    except ConfigError:
+        pass
     d.pop("run_dir", None)
     d.get("model", {}).pop("vocab_size", None)
     return d
@@ -387,7 +391,24 @@ def evaluate_cell(run_dir: str | os.PathLike, data_root: str, split: str = "test
     run = load_run(run_dir, tag=tag)
     img, cap, _ = encode_run(run, split=split, data_root=data_root, max_images=max_images, progress=progress)
     sims = similarity(img, cap).cpu()
+    save_test_ranks(run_dir, sims, split, max_images, tag)
     return evaluate_sims(sims, protocol="full"), tag
+
+
+RANKS_FILE = "test_ranks.npz"
+
+
+def save_test_ranks(run_dir: Path, sims, split: str, max_images: Optional[int], tag: str) -> Path:
+    """Per-query ranks of a cell (``i2t (N,)``, ``t2i (5N,)``) for paired bootstraps later."""
+    from .evaluate import retrieval_ranks
+    i2t, t2i = retrieval_ranks(sims)
+    path = Path(run_dir) / RANKS_FILE
+    tmp = path.with_name(path.name + ".tmp.npz")
+    np.savez(tmp, i2t=np.asarray(i2t.cpu() if hasattr(i2t, "cpu") else i2t, dtype=np.int64),
+             t2i=np.asarray(t2i.cpu() if hasattr(t2i, "cpu") else t2i, dtype=np.int64),
+             split=split, max_images=-1 if max_images is None else int(max_images), tag=tag)
+    os.replace(tmp, path)
+    return path
 
 
 def train_and_test_cell(grid: AblationGrid, backbone: str, strategy: str, seed: int, progress: bool = False,

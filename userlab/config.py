@@ -20,6 +20,7 @@ from typing import Any, Optional
 from .errors import ConfigError
 
 ENHANCEMENTS = ("none", "sge", "cge", "sge+cge")
+ATTENTION_NORMS = ("none", "l2")
 TEXT_ENCODERS = ("gru", "transformer")
 OBJECTIVES = ("uto", "triplet", "infonce")
 BOOST_SCHEDULES = ("none", "offline", "online", "momentum")
@@ -62,6 +63,10 @@ class ModelConfig:
     guide_dim: int = 512                # CLIP ViT-B/32 image embedding width
     sge_dropout: float = 0.4
     attention_lambda: float = 1.0       # region-attention softmax temperature (USER: 1)
+    # Region-attention affinity <g, R_k>: "none" uses the raw regions (released code); "l2" uses
+    # L2-normalised regions (cosines in [-1, 1]), so beta no longer saturates on the region with
+    # the largest norm (raw demo/BUTD norms are 10-60, which makes softmax(<g, R_k>) one-hot).
+    attention_norm: str = "none"
     mlp_hidden: int = 512               # FC + MLP residual: Linear(D, 512) -> BN -> ReLU -> Linear
     gpo_dim: int = 32
     text_encoder: str = "gru"           # one of TEXT_ENCODERS
@@ -243,6 +248,7 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
 
     choice("model.enhancement", cfg.model.enhancement, ENHANCEMENTS)
     choice("model.text_encoder", cfg.model.text_encoder, TEXT_ENCODERS)
+    choice("model.attention_norm", cfg.model.attention_norm, ATTENTION_NORMS)
     choice("loss.objective", cfg.loss.objective, OBJECTIVES)
     choice("boost.schedule", cfg.boost.schedule, BOOST_SCHEDULES)
     choice("boost.strategy", cfg.boost.strategy, BOOST_STRATEGIES)

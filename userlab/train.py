@@ -359,9 +359,24 @@ class Trainer:
                     self.writer.add_scalar(f"dev/{k}", v, self.step)
         for cb in self.callbacks:
             cb.on_eval(self, row)
-        if metrics["rsum"] > self.best_rsum:
+        if metrics["rsum"] > self.best_rsum and self.selectable_epoch(self.epoch):
             self.best_rsum = metrics["rsum"]
             self.save("best")
+
+    def selectable_epoch(self, epoch: int) -> bool:
+        """May the model after ``epoch`` epochs become ``best``?
+
+        Not during a warm-up that changes the objective (``loss.warmup_epochs`` with the triplet
+        loss or DBL): a VSE0 warm-up model often scores higher on dev than the first
+        hardest-negative epochs, and choosing it would report a model trained with another loss
+        than the one named. A run with no epoch after its warm-up keeps the usual rule.
+        """
+        cfg = self.cfg
+        warm = cfg.loss.warmup_epochs
+        changes_objective = cfg.loss.objective == "triplet" or cfg.boost.schedule != "none"
+        if warm <= 0 or not changes_objective or cfg.optim.epochs <= warm:
+            return True
+        return epoch > warm
 
 
 def load_model(path: str | os.PathLike, tag: str = "best", device: Optional[torch.device] = None
