@@ -294,9 +294,18 @@ class Trainer:
         return row
 
     def evaluate_dev(self) -> dict[str, float]:
-        df = evaluate(self.model, self.data.val, protocol="full", device=self.device,
-                      batch_size=max(128, self.cfg.data.batch_size), progress=False)
-        return {k: float(v) for k, v in df.iloc[0].items() if k != "protocol"}
+        """Dev metrics, plus the dev matrix's spread, collapse score and hubness (``dev_*``)."""
+        from .diagnostics import hubness, similarity_stats
+        df, sims = evaluate(self.model, self.data.val, protocol="full", device=self.device,
+                            batch_size=max(128, self.cfg.data.batch_size), progress=False,
+                            return_sims=True)
+        row = {k: float(v) for k, v in df.iloc[0].items() if k != "protocol"}
+        stats = similarity_stats(sims, margin=self.cfg.loss.margin)
+        hub = hubness(sims, k=min(10, sims.shape[0]))
+        row.update({"dev_pos_sim": stats["pos_mean"], "dev_neg_sim": stats["neg_mean"],
+                    "dev_sim_gap": stats["gap"], "dev_collapse": stats["collapse"],
+                    "dev_hub_skew_t2i": hub["t2i"]["skewness"], "dev_hub_skew_i2t": hub["i2t"]["skewness"]})
+        return row
 
     def fit(self) -> pd.DataFrame:
         """Train to ``optim.epochs`` (or ``max_steps``); returns dev metrics per epoch."""
