@@ -94,9 +94,13 @@ def run_demo(out: str = "data/demo", runs: str = "runs", figures: str = "figures
     chance = chance_metrics(n_images)
     table = pd.concat([table, pd.DataFrame([{"model": "chance", "protocol": "full", **chance}])],
                       ignore_index=True)
+    ran = pd.DataFrame([what_ran(name, cfg) for name, cfg in configs.items()])
+    table = table.merge(ran, on="model", how="left")
     from .evaluate import format_table
     print(f"\n== test split: {n_images} images, {5 * n_images} captions ==")
     print(format_table(table))
+    print("\n== what each row trained ==")
+    print(format_what_ran(ran))
 
     from . import viz
     fig_dir = Path(figures)
@@ -104,6 +108,55 @@ def run_demo(out: str = "data/demo", runs: str = "runs", figures: str = "figures
     print("\nfigures: " + ", ".join(str(p) for p in paths))
     print("\ntimings: " + ", ".join(f"{k} {v:.1f} s" for k, v in timings.items()))
     return table
+
+
+#: Columns :func:`what_ran` adds to the demo table.
+RAN_COLUMNS = ("enhancement", "objective", "queue", "epochs", "checkpoint")
+
+
+def what_ran(name: str, cfg: ExperimentConfig) -> dict[str, str]:
+    """What a demo row trained, read from its run folder's config and best checkpoint.
+
+    ``enhancement`` (none / sge / cge / sge+cge), ``objective`` (UTO, or the triplet with its
+    VSE0 warm-up epochs), ``queue`` (two queues of N keys, or none), ``epochs`` trained and
+    ``checkpoint`` (the epoch of the reported ``best`` checkpoint and the epochs it was chosen
+    from: after the warm-up when the warm-up changes the objective).
+    """
+    from . import checkpoint as ckpt
+    run = Path(cfg.run_dir)
+    saved = run / "config.json"
+    if saved.is_file():
+        cfg = ExperimentConfig.from_json(saved)   # what ran, even if the preset changed since
+    obj = cfg.loss.objective
+    if obj == "uto":
+        objective = f"UTO (mu {cfg.loss.mu:g}, lambda {cfg.loss.lambda_batch:g})"
+    elif obj == "triplet":
+        hard = "hardest negative" if cfg.loss.max_violation else "sum of negatives (VSE0)"
+        warm = cfg.loss.warmup_epochs if cfg.loss.max_violation else 0
+        objective = f"triplet, {hard}" + (f" after {warm} VSE0 warm-up epoch{'s' * (warm > 1)}" if warm else "")
+    else:
+        objective = f"InfoNCE (t {cfg.loss.temperature:g})"
+    queue = (f"2 x {cfg.momentum.queue_size} (momentum {cfg.momentum.momentum:g})"
+             if cfg.momentum.enabled and obj == "uto" else "none")
+    checkpoint = "-"
+    try:
+        state = ckpt.load_train_state(ckpt.find_checkpoint(run, tag="best"))
+        warm = cfg.loss.warmup_epochs
+        changes = obj == "triplet" or cfg.boost.schedule != "none"
+        first = warm + 1 if (warm > 0 and changes and cfg.optim.epochs > warm) else 1
+        checkpoint = f"best dev: epoch {int(state['epoch'])} of {first}-{cfg.optim.epochs}"
+    except Exception:  # noqa: BLE001 - a missing checkpoint just leaves the cell empty
+        pass
+    return {"model": name, "enhancement": cfg.model.enhancement, "objective": objective, "queue": queue,
+            "epochs": str(cfg.optim.epochs), "checkpoint": checkpoint}
+
+
+def format_what_ran(ran: pd.DataFrame) -> str:
+    """Markdown table of :func:`what_ran` rows."""
+    cols = ["model", *RAN_COLUMNS]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(str(r[c]) for c in cols) + " |" for _, r in ran.iterrows()]
+    return "\n".join(lines)
 
 
 def describe_folder(folder: Path) -> str:
