@@ -228,3 +228,18 @@ def test_diagnose_cli_on_tiny_run(tmp_path, capsys, one_thread):
     weighted = sum(r["R@1"] * r["captions"] for r in rows) / sum(r["captions"] for r in rows)
     assert weighted == pytest.approx(100 * float((t2i < 1).float().mean()))
     assert main(["diagnose", str(tmp_path / "nowhere")]) == 2
+
+
+def test_single_caption_recall_symmetric_case():
+    # a symmetric N x N score pattern repeated for every caption slot: i2t == t2i
+    rng = np.random.default_rng(5)
+    base = rng.normal(size=(30, 30))
+    base = base + base.T + 2.0 * np.eye(30)
+    sims = np.repeat(base, 5, axis=1)      # captions 5i..5i+4 all copy column i
+    sc = dg.single_caption_recall(sims)
+    assert sc["i2t_R@1"] == pytest.approx(sc["t2i_R@1"])
+    # against evaluate_sims on one slot
+    from userlab.evaluate import evaluate_sims
+    ref = evaluate_sims(np.ascontiguousarray(sims[:, 0::5]), captions_per_image=1).iloc[0]
+    assert sc["i2t_R@5"] == pytest.approx(float(ref["i2t_R@5"]))
+    assert sc["t2i_R@10"] == pytest.approx(float(ref["t2i_R@10"]))

@@ -113,6 +113,8 @@ def k_occurrence(sims: Any, k: int = 10, direction: str = "t2i", chunk: int = 10
 def hubness(sims: Any, k: int = 10, top: int = 5) -> dict[str, Any]:
     """Hubness in both directions.
 
+    ``k`` is cut to the number of items on tiny splits.
+
     Returns:
         ``{"t2i": {...}, "i2t": {...}}``, each with ``k``, ``skewness`` of ``N_k``, ``expected``
         (the even share ``k * queries / items``), ``max``, ``max_over_expected``, ``orphans``
@@ -123,6 +125,7 @@ def hubness(sims: Any, k: int = 10, top: int = 5) -> dict[str, Any]:
     out: dict[str, Any] = {}
     S = _as_sims(sims)
     for direction in ("t2i", "i2t"):
+        k = min(k, S.shape[0] if direction == "t2i" else S.shape[1])   # tiny splits
         counts = k_occurrence(S, k, direction)
         n_items = counts.size
         n_queries = S.shape[1] if direction == "t2i" else S.shape[0]
@@ -426,6 +429,33 @@ def twin_confusion(sims: Any, partner: Any) -> dict[str, dict[str, float]]:
 
 
 # ---------------------------------------------------------------------------------------------
+# i2t / t2i asymmetry
+# ---------------------------------------------------------------------------------------------
+def single_caption_recall(sims: Any, ks: Sequence[int] = (1, 5, 10)) -> dict[str, float]:
+    """R@K in both directions with *one* caption per image, averaged over the caption slots.
+
+    With ``P`` captions per image, i2t counts a hit when *any* of the ``P`` captions ranks in
+    the top K, t2i when the single right image does: at chance i2t R@1 is about ``P`` times t2i
+    R@1. Keeping caption slot ``j`` of every image (``S[:, j::P]``, square) makes both directions
+    face the same ``N x N`` matrix; an asymmetry that remains there is not the ``P`` positives.
+
+    Returns:
+        ``i2t_R@K``, ``t2i_R@K`` (percent, mean over the ``P`` slots) and ``i2t_over_t2i_R@1``.
+    """
+    from .evaluate import retrieval_ranks
+    S = _as_sims(sims)
+    per = S.shape[1] // S.shape[0]
+    acc = {f"{d}_R@{k}": 0.0 for d in ("i2t", "t2i") for k in ks}
+    for j in range(per):
+        i2t, t2i = retrieval_ranks(S[:, j::per].contiguous(), captions_per_image=1)
+        for k in ks:
+            acc[f"i2t_R@{k}"] += 100.0 * float((i2t < k).float().mean()) / per
+            acc[f"t2i_R@{k}"] += 100.0 * float((t2i < k).float().mean()) / per
+    acc["i2t_over_t2i_R@1"] = acc["i2t_R@1"] / acc["t2i_R@1"] if acc["t2i_R@1"] > 0 else float("nan")
+    return acc
+
+
+# ---------------------------------------------------------------------------------------------
 # A whole run
 # ---------------------------------------------------------------------------------------------
 def diagnose_embeddings(img: torch.Tensor, cap: torch.Tensor, dataset=None, k: int = 10,
@@ -438,6 +468,7 @@ def diagnose_embeddings(img: torch.Tensor, cap: torch.Tensor, dataset=None, k: i
         "n_images": int(sims.shape[0]), "n_captions": int(sims.shape[1]),
         "hubness": hubness(sims, k=k), "modality_gap": modality_gap(img, cap),
         "similarity": similarity_stats(sims, margin=margin),
+        "single_caption": single_caption_recall(sims),
     }
     if dataset is not None:
         kinds = demo_caption_kinds(dataset.folder, dataset.split, sims.shape[1])
@@ -541,6 +572,11 @@ def format_report(report: Mapping[str, Any]) -> str:
         extra = f", largest region change {100 * a['max_region_change']:.1f}%" if "max_region_change" in a else ""
         rows.append((f"attention {name}", f"entropy {a['entropy']:.3f} nats = {a['normalised']:.2f} of uniform "
                                          f"over {a['regions']} regions, top weight {a['max_weight']:.2f}{extra}"))
+    if "single_caption" in report:
+        sc = report["single_caption"]
+        rows.append(("one caption per image", f"i2t R@1 {sc['i2t_R@1']:.1f}, t2i R@1 {sc['t2i_R@1']:.1f} "
+                                              f"(ratio {sc['i2t_over_t2i_R@1']:.2f}; with 5 captions i2t "
+                                              "gets 5 chances per image)"))
     if "twins" in report:
         for d, t in report["twins"].items():
             rows.append((f"twin confusion {d}", f"{t['to_twin']} of {t['errors']} top-1 errors "
@@ -603,6 +639,7 @@ def cmd_diagnose(args) -> int:
 __all__ = [
     "attention_entropy", "collapse_score", "collect_attention", "demo_caption_kinds", "diagnose_embeddings",
     "diagnose_run", "entropy", "epoch_table", "format_report", "hubness", "k_occurrence", "key_numbers",
-    "length_buckets", "modality_gap", "recall_by_group", "run_summary", "similarity_stats", "skewness",
+    "length_buckets", "modality_gap", "recall_by_group", "run_summary", "similarity_stats",
+    "single_caption_recall", "skewness",
     "twin_confusion", "twin_partners", "write_report",
 ]
