@@ -243,3 +243,19 @@ def test_single_caption_recall_symmetric_case():
     ref = evaluate_sims(np.ascontiguousarray(sims[:, 0::5]), captions_per_image=1).iloc[0]
     assert sc["i2t_R@5"] == pytest.approx(float(ref["i2t_R@5"]))
     assert sc["t2i_R@10"] == pytest.approx(float(ref["t2i_R@10"]))
+
+
+def test_centred_recall_removes_a_hub_offset():
+    rng = np.random.default_rng(6)
+    n = 40
+    sims = rng.normal(scale=0.1, size=(n, 5 * n))
+    sims[np.arange(n).repeat(5), np.arange(5 * n)] += 0.5     # every caption's image is its best match
+    from userlab.evaluate import evaluate_sims
+    clean = evaluate_sims(sims).iloc[0]
+    hubbed = sims.copy()
+    hubbed[3] += 1.0                                            # image 3 now wins every caption
+    hub = evaluate_sims(hubbed).iloc[0]
+    assert hub["t2i_R@1"] < 10 and hub["i2t_R@1"] == clean["i2t_R@1"]   # row offset: i2t unchanged
+    c = dg.centred_recall(hubbed)
+    assert c["t2i_R@1"] > 95                                    # centring the rows removes the hub ...
+    assert c["t2i_R@1"] == pytest.approx(dg.centred_recall(sims)["t2i_R@1"])   # ... exactly: offsets cancel

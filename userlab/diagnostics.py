@@ -455,6 +455,28 @@ def single_caption_recall(sims: Any, ks: Sequence[int] = (1, 5, 10)) -> dict[str
     return acc
 
 
+def centred_recall(sims: Any, ks: Sequence[int] = (1, 5, 10)) -> dict[str, float]:
+    """R@K after removing each image's (or caption's) mean similarity: a hubness test.
+
+    Subtracting a constant from an image's row cannot change its own i2t ranking but does
+    change t2i: a hub image that scores high against *every* caption loses its lead. So
+    ``t2i_R@K`` of the row-centred matrix shows how much t2i recall the per-image offsets
+    (hubs) cost, and ``i2t_R@K`` of the column-centred matrix the same for caption hubs; the
+    other direction is unchanged by construction.
+
+    Returns:
+        ``t2i_R@K`` (rows centred) and ``i2t_R@K`` (columns centred), percent.
+    """
+    from .evaluate import retrieval_ranks
+    S = _as_sims(sims)
+    per = S.shape[1] // S.shape[0]
+    _, t2i = retrieval_ranks(S - S.mean(1, keepdim=True), captions_per_image=per)
+    i2t, _ = retrieval_ranks(S - S.mean(0, keepdim=True), captions_per_image=per)
+    out = {f"t2i_R@{k}": 100.0 * float((t2i < k).float().mean()) for k in ks}
+    out.update({f"i2t_R@{k}": 100.0 * float((i2t < k).float().mean()) for k in ks})
+    return out
+
+
 # ---------------------------------------------------------------------------------------------
 # A whole run
 # ---------------------------------------------------------------------------------------------
@@ -469,6 +491,7 @@ def diagnose_embeddings(img: torch.Tensor, cap: torch.Tensor, dataset=None, k: i
         "hubness": hubness(sims, k=k), "modality_gap": modality_gap(img, cap),
         "similarity": similarity_stats(sims, margin=margin),
         "single_caption": single_caption_recall(sims),
+        "centred": centred_recall(sims),
     }
     if dataset is not None:
         kinds = demo_caption_kinds(dataset.folder, dataset.split, sims.shape[1])
@@ -640,6 +663,6 @@ __all__ = [
     "attention_entropy", "collapse_score", "collect_attention", "demo_caption_kinds", "diagnose_embeddings",
     "diagnose_run", "entropy", "epoch_table", "format_report", "hubness", "k_occurrence", "key_numbers",
     "length_buckets", "modality_gap", "recall_by_group", "run_summary", "similarity_stats",
-    "single_caption_recall", "skewness",
+    "single_caption_recall", "centred_recall", "skewness",
     "twin_confusion", "twin_partners", "write_report",
 ]

@@ -54,7 +54,12 @@ def demo_config(name: str = "demo", smoke: Optional[bool] = None, run: Optional[
         cfg.data.batch_size = 16
         cfg.momentum.queue_size = 64
         cfg.optim.epochs, cfg.optim.lr_step = 2, 0
-    return cfg.replace(**overrides) if overrides else cfg
+    cfg = cfg.replace(**overrides) if overrides else cfg
+    # A notebook run folder made with another config (e.g. before the demo preset became full
+    # USER) cannot be resumed: start it afresh, as `userlab demo` does with its runs.
+    from .demo import _fresh_run_dir
+    _fresh_run_dir(cfg)
+    return cfg
 
 
 def figures_dir(smoke: Optional[bool] = None) -> Path:
