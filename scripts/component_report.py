@@ -34,7 +34,7 @@ def cell_report(run_dir: str, data_root: str, tag: str) -> dict:
     path = Path(run_dir) / dg.DIAGNOSTICS_FILE
     if path.is_file():
         report = json.loads(path.read_text())
-        if "single_caption" in report and "twins" in report and "recall_by_group" in report:
+        if all(k in report for k in ("single_caption", "centred", "twins", "recall_by_group")):
             return report
     report = dg.diagnose_run(run_dir, split="test", data_root=data_root, tag=tag)
     dg.write_report(report, path)
@@ -63,6 +63,7 @@ def main() -> None:
                      "rsum": r["rsum"], "i2t_R@1": r["i2t_R@1"], "t2i_R@1": r["t2i_R@1"],
                      "train_s": r["train_seconds"], **key, **rg,
                      "i2t_R@1_1cap": sc["i2t_R@1"], "t2i_R@1_1cap": sc["t2i_R@1"],
+                     "t2i_R@1_centred": rep["centred"]["t2i_R@1"], "i2t_R@1_centred": rep["centred"]["i2t_R@1"],
                      "twin_share_i2t": rep["twins"]["i2t"]["share_of_errors"],
                      "beta_top": rep["attention"].get("beta", {}).get("max_weight", np.nan),
                      "region_change_%": 100 * rep["attention"].get("beta", {}).get("max_region_change", np.nan)})
@@ -86,7 +87,8 @@ def main() -> None:
     print(markdown(out.reset_index()))
     kinds = [c for c in mean.columns if c.startswith("R@1 ")]
     print("\n## t2i R@1 by caption kind, twin confusion, one caption per image (means over seeds)\n")
-    print(markdown(mean[kinds + ["twin_share_t2i", "twin_share_i2t", "i2t_R@1_1cap", "t2i_R@1_1cap"]]
+    print(markdown(mean[kinds + ["twin_share_t2i", "twin_share_i2t", "i2t_R@1_1cap", "t2i_R@1_1cap",
+                                   "t2i_R@1_centred", "i2t_R@1_centred"]]
                    .reset_index()))
     comp = df[df["grid"] == Path(args.folders[0]).name]
     steps = ablation.component_steps(comp)
