@@ -80,3 +80,15 @@ def test_component_steps_verdicts(tmp_path):
     assert "VSE++ → +SGE" in text and "holds" in text
     with pytest.raises(DataError):
         ablation.load_cell_ranks(tmp_path / "nowhere")
+
+
+def test_plot_ablation_with_one_backbone():
+    """`userlab ablate --backbones X` (one backbone) used to crash in seaborn's dodge."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    df = pd.DataFrame({"backbone": ["+SGE"] * 3, "strategy": ["none"] * 3, "seed": [1, 2, 3],
+                       "rsum": [100.0, 90.0, 70.0], "i2t_R@1": [8.0, 7.0, 5.0], "t2i_R@1": [3.0, 3.0, 2.0]})
+    fig = ablation.plot_ablation(df)
+    assert len(fig.axes) >= 3
+    plt.close(fig)
