@@ -56,6 +56,8 @@ def test_warmup_only_run_keeps_usual_rule(tmp_path, monkeypatch, one_thread):
     monkeypatch.setattr(Trainer, "evaluate_dev", _fake_dev([100.0]))
     Trainer(cfg, progress=False).fit()
     assert ckpt.find_checkpoint(tmp_path / "run", "best")
+    row = what_ran("VSE++", cfg)
+    assert "every epoch was warm-up" in row["objective"] and row["checkpoint"] == "best dev: epoch 1 of 1-1"
 
 
 def test_demo_preset_is_full_user():
