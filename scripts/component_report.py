@@ -53,6 +53,12 @@ def main() -> None:
         df["grid"] = Path(folder).name
         frames.append(df)
     df = pd.concat(frames, ignore_index=True)
+    # variants run in their own folders get their own names, so that steps can pair them
+    variant = {"ablation_attention_l2": "+SGE, l2 attention (lambda 10)",
+               "ablation_dbl_alpha": "full USER + DBL absolute (alpha 1/64)"}
+    for grid, name in variant.items():
+        df.loc[df["grid"] == grid, "backbone"] = name
+        df.loc[df["grid"] == grid, "strategy"] = "none"
     rows = []
     for _, r in df.iterrows():
         rep = cell_report(r["run_dir"], args.data, r["tag"])
@@ -90,8 +96,9 @@ def main() -> None:
     print(markdown(mean[kinds + ["twin_share_t2i", "twin_share_i2t", "i2t_R@1_1cap", "t2i_R@1_1cap",
                                    "t2i_R@1_centred", "i2t_R@1_centred"]]
                    .reset_index()))
-    comp = df[df["grid"] == Path(args.folders[0]).name]
-    steps = ablation.component_steps(comp)
+    steps = ablation.component_steps(df, steps=ablation.COMPONENT_STEPS + (
+        ("+SGE, l2 attention (lambda 10)", "+SGE"), ("+SGE, l2 attention (lambda 10)", "VSE++"),
+        ("full USER + DBL absolute (alpha 1/64)", "full USER")))
     if len(steps):
         print("\n## component steps\n")
         print(ablation.format_steps(steps))
