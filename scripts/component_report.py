@@ -55,7 +55,8 @@ def main() -> None:
     df = pd.concat(frames, ignore_index=True)
     # variants run in their own folders get their own names, so that steps can pair them
     variant = {"ablation_attention_l2": "+SGE, l2 attention (lambda 10)",
-               "ablation_dbl_alpha": "full USER + DBL absolute (alpha 1/64)"}
+               "ablation_dbl_alpha": "full USER + DBL absolute (alpha 1/64)",
+               "ablation_dbl_alpha4096": "full USER + DBL absolute (alpha 1/4096)"}
     for grid, name in variant.items():
         df.loc[df["grid"] == grid, "backbone"] = name
         df.loc[df["grid"] == grid, "strategy"] = "none"
@@ -98,7 +99,8 @@ def main() -> None:
                    .reset_index()))
     steps = ablation.component_steps(df, steps=ablation.COMPONENT_STEPS + (
         ("+SGE, l2 attention (lambda 10)", "+SGE"), ("+SGE, l2 attention (lambda 10)", "VSE++"),
-        ("full USER + DBL absolute (alpha 1/64)", "full USER")))
+        ("full USER + DBL absolute (alpha 1/64)", "full USER"),
+        ("full USER + DBL absolute (alpha 1/4096)", "full USER")))
     if len(steps):
         print("\n## component steps\n")
         print(ablation.format_steps(steps))
