@@ -89,12 +89,75 @@ viz.save(fig, "03_gallery_t2i", figures_dir())
 
 # %% [markdown]
 # ## 3. The worst failures
-# Queries whose ground truth ranks lowest. On the demo scenes these are usually hard negatives:
-# the same shapes with colours swapped, or the same objects in another arrangement.
+# Queries whose ground truth ranks lowest, with their top-5 results.
 
 # %%
 fig = viz.plot_worst_failures(sims, test, n=4, direction="i2t")
 viz.save(fig, "03_worst_failures", figures_dir())
+
+# %% [markdown]
+# **Are the failures twins?** About a third of the demo scenes are followed by a *twin*: the same
+# objects with the colours swapped between the shapes (`colours`), or the layout mirrored
+# left-right (`mirror`) or flipped top-bottom (`flip`); `twin_of` in `scenes_test.json` links
+# them. Only colour-object binding and spatial relations tell a twin from its original, so a
+# model that reads captions as bags of words would confuse them. If twins explained the
+# failures, a large share of the wrong top-1 answers would be the query's twin; a wrong answer
+# drawn at random from the other $N-1$ images hits it with probability $1/(N-1)$. Measured, not
+# assumed (`diagnostics.twin_confusion`):
+
+# %%
+from userlab import diagnostics as dg
+from userlab.data.scenes import load_scenes
+
+scenes = load_scenes(test.folder, "test")[: sims.shape[0]]
+partner = dg.twin_partners([s["twin_of"] for s in scenes], sims.shape[0])
+twins = dg.twin_confusion(sims, partner)
+for direction, t in twins.items():
+    share = t["share_of_errors"]
+    if t["errors"] == 0:
+        print(f"{direction}: no top-1 errors")
+        continue
+    lift = share / t["chance"]
+    verdict = ("most failures are twin confusions" if share >= 0.5 else
+               "twins are a sizeable minority of the failures" if share >= 0.1 else
+               "twins are a small part of the failures: most wrong answers are other scenes")
+    print(f"{direction}: {t['to_twin']} of {t['errors']} wrong top-1 answers ({100 * share:.1f}%) are the "
+          f"query's twin, {lift:.0f}x the {100 * t['chance']:.2f}% of a random wrong answer; on queries "
+          f"that have a twin, {100 * t['share_of_twin_query_errors']:.1f}% of errors -> {verdict}")
+i2t_ranks = retrieval_ranks(sims)[0].cpu().numpy()
+worst = np.argsort(-i2t_ranks, kind="stable")[:4]
+top1 = (sims.argmax(1) // (sims.shape[1] // sims.shape[0])).numpy()
+for q in worst:
+    kind = scenes[q]["twin_kind"] or (scenes[partner[q]]["twin_kind"] if partner[q] >= 0 else None)
+    print(f"worst query image {q}: twin {partner[q] if partner[q] >= 0 else 'none'}"
+          f"{f' ({kind})' if kind else ''}, top-1 caption belongs to image {top1[q]}"
+          f"{' = its twin' if partner[q] >= 0 and top1[q] == partner[q] else ''}")
+
+# %% [markdown]
+# ## Diagnostics
+# Numbers that explain a model's retrieval beyond recall (`userlab.diagnostics`, also
+# `userlab diagnose RUN` on the command line):
+# - **hubness**: $N_{10}(x)$ counts the queries that have item $x$ in their top 10; a strongly
+#   right-skewed $N_{10}$ (skewness $\gg 0$) means a few *hub* images (or captions) crowd the top
+#   of many lists;
+# - **modality gap**: the distance between the image and the caption embedding centroids;
+# - **similarity spread and collapse**: mean positive and negative similarity and a collapse score
+#   (1 when positives and negatives are equal at 1, 0 when positives lead by the margin 0.2);
+# - **attention entropy** of SGE's $\alpha$ and of $\beta$ (1 = uniform over regions, 0 = one-hot);
+# - **t2i recall by caption kind** (counts / relations / colour binding / partial).
+
+# %%
+report = dg.diagnose_embeddings(img, cap, test)
+attention = dg.collect_attention(run.model, test)
+report["attention"] = {name: dg.attention_entropy(attention[name], "softmax" if name == "alpha" else "l2")
+                       for name in ("alpha", "beta") if name in attention}
+print(dg.format_report(report))
+h, s = report["hubness"], report["similarity"]
+assert all(np.isfinite([h["t2i"]["skewness"], h["i2t"]["skewness"], report["modality_gap"]["gap"],
+                        s["pos_mean"], s["neg_mean"]]))
+assert 0.0 <= s["collapse"] <= 1.0
+assert all(0.0 <= a["normalised"] <= 1.0 + 1e-9 for a in report["attention"].values())
+assert sum(r["captions"] for r in report["recall_by_group"]["rows"]) == sims.shape[1]
 
 # %% [markdown]
 # ## Exercises

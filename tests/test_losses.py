@@ -356,7 +356,28 @@ def test_collapse_detection():
     with pytest.warns(CollapseWarning, match="collapsed"):
         assert check_collapse(collapsed) is True
     assert check_collapse(torch.ones(1, 1)) is False
-    assert check_collapse(collapsed, tol=1e-6) is False
+    # a tighter spread tolerance alone no longer flags it (the near-one test is off here) ...
+    assert check_collapse(collapsed, tol=1e-6, near_one=None) is False
+    # ... but positives and negatives both ~0.999 are caught by the near-one test
+    with pytest.warns(CollapseWarning, match="nearly"):
+        assert check_collapse(collapsed, tol=1e-6) is True
+
+
+def test_collapse_near_one_with_noise():
+    """Spread 0.05 passes the spread test; pos ≈ neg ≈ 0.95 must still be flagged."""
+    gen = torch.Generator().manual_seed(1)
+    noisy = 0.95 + 0.05 * (torch.rand(16, 16, generator=gen) - 0.5)
+    assert collapse_score(noisy) > 1e-3
+    with pytest.warns(CollapseWarning, match="nearly collapsed"):
+        assert check_collapse(noisy) is True
+    # a trained-looking batch: positives 0.95, negatives 0.93 (gap 0.02 > min_gap) is not collapse
+    healthy = torch.full((16, 16), 0.93) + 0.02 * torch.eye(16)
+    healthy = healthy + 1e-3 * torch.rand(16, 16, generator=gen)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert check_collapse(healthy) is False
+        # low similarities with pos == neg are not "near one"
+        assert check_collapse(0.3 + 0.05 * torch.rand(16, 16, generator=gen)) is False
 
 
 def test_loss_output_scalars():

@@ -242,6 +242,16 @@ def full_grid(data_root: str = "data/demo", out_dir: str = "runs/ablation_full",
                         data_root=data_root, out_dir=out_dir, dbl_schedule=dbl_schedule)
 
 
+def component_grid(data_root: str = "data/demo", out_dir: str = "runs/ablation_components",
+                   seeds: Sequence[int] = (1, 2, 3)) -> AblationGrid:
+    """The component ladder (VSE++, +SGE, +queue/UTO, +CGE, full USER) trained alone, at the
+    default grid's CPU budget (two epochs over the first 750 scenes, batch 64, VSE0 warm-up for
+    the triplet backbones); :func:`component_steps` gives each step's Δ rSum with intervals."""
+    grid = default_grid(data_root=data_root, out_dir=out_dir, seeds=seeds)
+    grid.backbones, grid.strategies = tuple(BACKBONES), ("none",)
+    return grid
+
+
 SMOKE_DATA = "data/demo_smoke"
 
 
@@ -343,6 +353,10 @@ def _write_results(path: Path, df: pd.DataFrame) -> None:
 
 def _comparable(d: dict[str, Any]) -> dict[str, Any]:
     d = json.loads(json.dumps(d))
+    try:  # fill fields added to the config since the run was made with their defaults
+        d = ExperimentConfig.from_dict(d).to_dict()
+    except ConfigError:
+        pass
     d.pop("run_dir", None)
     d.get("model", {}).pop("vocab_size", None)
     return d
@@ -387,7 +401,44 @@ def evaluate_cell(run_dir: str | os.PathLike, data_root: str, split: str = "test
     run = load_run(run_dir, tag=tag)
     img, cap, _ = encode_run(run, split=split, data_root=data_root, max_images=max_images, progress=progress)
     sims = similarity(img, cap).cpu()
-    return evaluate_sims(sims, protocol="full"), tag
+    save_test_ranks(run_dir, sims, split, max_images, tag)
+    df = evaluate_sims(sims, protocol="full")
+    df.attrs["diagnostics"] = cell_diagnostics(run, img, cap, data_root, split, max_images)
+    return df, tag
+
+
+def cell_diagnostics(run, img, cap, data_root: str, split: str, max_images: Optional[int]) -> dict[str, float]:
+    """Key diagnostics of a cell (:func:`userlab.diagnostics.key_numbers`), written to its row."""
+    from . import diagnostics as dg
+    from .pipeline import open_split
+    cfg = run.cfg.replace(**{"data.root": str(data_root)})
+    ds = open_split(cfg, split, run.tokenizer, max_images=max_images)
+    report = dg.diagnose_embeddings(img, cap, ds)
+    att = dg.collect_attention(run.model, ds)
+    report["attention"] = {}
+    if "alpha" in att:
+        report["attention"]["alpha"] = dg.attention_entropy(att["alpha"])
+    if "beta" in att:
+        report["attention"]["beta"] = dg.attention_entropy(att["beta"], "l2")
+    if Path(run.cfg.run_dir).is_dir():
+        dg.write_report(report, Path(run.cfg.run_dir) / dg.DIAGNOSTICS_FILE)
+    return {f"diag_{k}": float(v) for k, v in dg.key_numbers(report).items()}
+
+
+RANKS_FILE = "test_ranks.npz"
+
+
+def save_test_ranks(run_dir: Path, sims, split: str, max_images: Optional[int], tag: str) -> Path:
+    """Per-query ranks of a cell (``i2t (N,)``, ``t2i (5N,)``) for paired bootstraps later."""
+    from .evaluate import retrieval_ranks
+    i2t, t2i = retrieval_ranks(sims)
+    path = Path(run_dir) / RANKS_FILE
+    tmp = path.with_name(path.name + ".tmp.npz")
+    np.savez(tmp, i2t=np.asarray(i2t.cpu() if hasattr(i2t, "cpu") else i2t, dtype=np.int64),
+             t2i=np.asarray(t2i.cpu() if hasattr(t2i, "cpu") else t2i, dtype=np.int64),
+             split=split, max_images=-1 if max_images is None else int(max_images), tag=tag)
+    os.replace(tmp, path)
+    return path
 
 
 def train_and_test_cell(grid: AblationGrid, backbone: str, strategy: str, seed: int, progress: bool = False,
@@ -419,6 +470,7 @@ def train_and_test_cell(grid: AblationGrid, backbone: str, strategy: str, seed: 
                 "steps": int(getattr(trainer, "step", 0)), "epochs": int(getattr(trainer, "epoch", 0)),
                 "tag": tag, "schedule": cfg.boost.schedule, "boost_strategy": cfg.boost.strategy,
                 "signature": grid.signature(cfg), "run_dir": str(run_dir)})
+    row.update(metrics.attrs.get("diagnostics", {}))
     return row
 
 
@@ -599,11 +651,13 @@ def plot_ablation(df: pd.DataFrame, metrics: Sequence[str] = SUMMARY_METRICS):
     backbones = [b for b in BACKBONES if b in set(df["backbone"])]
     backbones += [b for b in dict.fromkeys(df["backbone"]) if b not in backbones]
     fig, axes = plt.subplots(1, len(metrics), figsize=(4.6 * len(metrics), 3.9), squeeze=False)
+    several = len(backbones) > 1   # seaborn divides the dodge by (backbones - 1)
     for ax, metric in zip(axes[0], metrics):
         sns.stripplot(data=df, x="strategy", y=metric, hue="backbone", order=strategies, hue_order=backbones,
-                      dodge=True, size=3.5, alpha=0.55, jitter=0.08, legend=False, ax=ax)
+                      dodge=several, size=3.5, alpha=0.55, jitter=0.08, legend=False, ax=ax)
         sns.pointplot(data=df, x="strategy", y=metric, hue="backbone", order=strategies, hue_order=backbones,
-                      errorbar="sd", dodge=0.4, linestyle="none", markers="D", capsize=0.08, ax=ax)
+                      errorbar="sd", dodge=0.4 if several else False, linestyle="none", markers="D",
+                      capsize=0.08, ax=ax)
         ax.set(xlabel="", ylabel=_LABELS.get(metric, metric), title=f"test {_LABELS.get(metric, metric)}")
         ax.tick_params(axis="x", rotation=25)
         legend = ax.get_legend()
@@ -632,14 +686,131 @@ def write_report(df: pd.DataFrame, folder: str | os.PathLike, command: str = "")
     return md, png
 
 
+# -- component steps with paired bootstrap intervals -------------------------------------------------
+#: The component ladder's steps ``(with, without)``: each adds one part of USER to the other.
+COMPONENT_STEPS: tuple[tuple[str, str], ...] = (
+    ("+SGE", "VSE++"),             # SGE on the triplet baseline
+    ("+queue/UTO", "VSE++"),       # momentum queues + unified objective instead of the triplet
+    ("+CGE", "+queue/UTO"),        # CGE on the queue/UTO model
+    ("full USER", "+CGE"),         # SGE on top of CGE (queue/UTO)
+    ("full USER", "VSE++"),        # everything
+)
+
+
+def per_image_rsum(i2t: Any, t2i: Any, ks: Sequence[int] = (1, 5, 10)) -> np.ndarray:
+    """Each test image's share of rSum, ``(N,)``; their mean is the split's rSum.
+
+    ``rSum = sum_K 100 * mean_i [i2t_i < K] + 100 * mean_c [t2i_c < K]``; with ``P`` captions per
+    image, caption ``c`` belongs to image ``c // P``, so ``rSum = mean_i d_i`` with
+    ``d_i = 100 * sum_K ([i2t_i < K] + (1/P) * #{c of i : t2i_c < K})``. Resampling test images
+    (with their captions) and averaging ``d`` is the bootstrap of rSum over test queries.
+    """
+    i2t = np.asarray(i2t).reshape(-1)
+    t2i = np.asarray(t2i).reshape(-1)
+    if t2i.size % i2t.size:
+        raise DataError(None, f"{t2i.size} caption ranks for {i2t.size} images")
+    per = t2i.size // i2t.size
+    caps = t2i.reshape(i2t.size, per)
+    return 100.0 * sum((i2t < k).astype(np.float64) + (caps < k).sum(1) / per for k in ks)
+
+
+def paired_bootstrap(d_with: Any, d_without: Any, n_boot: int = 5000, seed: int = 0,
+                     level: float = 0.95) -> dict[str, float]:
+    """Percentile bootstrap of ``mean(d_with - d_without)`` resampling test images (paired).
+
+    Args:
+        d_with, d_without: per-image rSum shares ``(N,)`` of the two models on the same images
+            (:func:`per_image_rsum`), or their means over seeds.
+        n_boot: resamples; seed: their RNG seed; level: interval coverage.
+
+    Returns:
+        ``delta`` (on the full split), ``low``, ``high`` (the interval), ``p_le_0`` (share of
+        resamples with a difference <= 0).
+    """
+    a, b = np.asarray(d_with, dtype=np.float64), np.asarray(d_without, dtype=np.float64)
+    if a.shape != b.shape or a.ndim != 1 or a.size < 2:
+        raise DataError(None, f"paired bootstrap needs two equal 1-d samples, got {a.shape} and {b.shape}")
+    diff = a - b
+    rng = np.random.default_rng(seed)
+    means = np.empty(n_boot)
+    for start in range(0, n_boot, 500):          # (500, N) index blocks keep memory small
+        stop = min(n_boot, start + 500)
+        idx = rng.integers(0, diff.size, size=(stop - start, diff.size))
+        means[start:stop] = diff[idx].mean(1)
+    tail = (1.0 - level) / 2
+    return {"delta": float(diff.mean()), "low": float(np.quantile(means, tail)),
+            "high": float(np.quantile(means, 1 - tail)), "p_le_0": float(np.mean(means <= 0))}
+
+
+def load_cell_ranks(run_dir: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
+    """``(i2t, t2i)`` ranks a cell saved at test time (``test_ranks.npz``)."""
+    path = Path(run_dir) / RANKS_FILE
+    if not path.is_file():
+        raise DataError(path, "no saved test ranks (cells tested before ranks were saved): run "
+                              "userlab.ablation.evaluate_cell(run_dir, data_root) once to write them")
+    with np.load(path) as z:
+        return z["i2t"], z["t2i"]
+
+
+def component_steps(df: pd.DataFrame, steps: Sequence[tuple[str, str]] = COMPONENT_STEPS,
+                    strategy: str = "none", n_boot: int = 5000) -> pd.DataFrame:
+    """Δ rSum of each component step, per seed and pooled, with paired bootstrap intervals.
+
+    For each step ``(with, without)`` present in ``df`` (rows of :func:`run_ablation`, same
+    ``strategy``), the seeds both cells share are paired. Returns one row per step with
+    ``seeds``, ``delta_mean`` and ``delta_std`` (over seeds of the per-seed rSum differences),
+    ``seed_deltas``, and the paired bootstrap over test images of the seed-averaged per-image
+    rSum shares (``delta``, ``low``, ``high``, ``p_le_0``), and ``verdict``: ``holds`` (interval
+    above 0 and every seed's Δ > 0), ``reversed`` (interval below 0 and every seed's Δ < 0) or
+    ``undecided``.
+    """
+    part = df[df["strategy"] == strategy]
+    rows = []
+    for with_, without in steps:
+        a = part[part["backbone"] == with_].set_index("seed")
+        b = part[part["backbone"] == without].set_index("seed")
+        seeds = sorted(set(a.index) & set(b.index))
+        if not seeds:
+            continue
+        da, db, deltas = [], [], []
+        for seed in seeds:
+            ra, rb = load_cell_ranks(a.loc[seed, "run_dir"]), load_cell_ranks(b.loc[seed, "run_dir"])
+            da.append(per_image_rsum(*ra))
+            db.append(per_image_rsum(*rb))
+            deltas.append(float(da[-1].mean() - db[-1].mean()))
+        boot = paired_bootstrap(np.mean(da, 0), np.mean(db, 0), n_boot=n_boot)
+        all_pos, all_neg = all(d > 0 for d in deltas), all(d < 0 for d in deltas)
+        verdict = ("holds" if boot["low"] > 0 and all_pos else
+                   "reversed" if boot["high"] < 0 and all_neg else "undecided")
+        rows.append({"step": f"{without} → {with_}", "with": with_, "without": without, "seeds": len(seeds),
+                     "rsum_with": float(a.loc[seeds, "rsum"].mean()), "rsum_without": float(b.loc[seeds, "rsum"].mean()),
+                     "delta_mean": float(np.mean(deltas)),
+                     "delta_std": float(np.std(deltas, ddof=1)) if len(deltas) > 1 else float("nan"),
+                     "seed_deltas": " ".join(f"{d:+.1f}" for d in deltas), **boot, "verdict": verdict})
+    return pd.DataFrame(rows)
+
+
+def format_steps(steps: pd.DataFrame, digits: int = 1) -> str:
+    """Markdown table of :func:`component_steps`."""
+    head = "| step | seeds | rSum without | rSum with | Δ rSum (mean ± sd over seeds) | per seed | paired bootstrap 95 % CI | verdict |"
+    lines = [head, "|---|---:|---:|---:|---:|---|---|---|"]
+    for _, r in steps.iterrows():
+        sd = "" if pd.isna(r["delta_std"]) else f" ± {r['delta_std']:.{digits}f}"
+        lines.append(f"| {r['step']} | {int(r['seeds'])} | {r['rsum_without']:.{digits}f} | {r['rsum_with']:.{digits}f} | "
+                     f"{r['delta_mean']:+.{digits}f}{sd} | {r['seed_deltas']} | "
+                     f"[{r['low']:+.{digits}f}, {r['high']:+.{digits}f}] | {r['verdict']} |")
+    return "\n".join(lines)
+
+
 # -- command line ---------------------------------------------------------------------------------
-GRIDS = {"default": default_grid, "full": full_grid, "smoke": smoke_grid}
+GRIDS = {"default": default_grid, "full": full_grid, "smoke": smoke_grid, "components": component_grid}
 
 
 def add_ablate_arguments(p: argparse.ArgumentParser) -> None:
     """Arguments of ``userlab ablate``."""
     p.add_argument("--grid", choices=sorted(GRIDS), default="default",
-                   help="default (CPU-sized), full (every backbone and strategy) or smoke (seconds)")
+                   help="default (CPU-sized), components (the USER component ladder, CPU-sized), full (every "
+                        "backbone and strategy) or smoke (seconds)")
     p.add_argument("--data", help="data root (default: data/demo; smoke: data/demo_smoke, built when missing)")
     p.add_argument("--out", help="output folder (default: runs/ablation, runs/ablation_full or runs/ablation_smoke)")
     p.add_argument("--backbones", nargs="+", metavar="NAME", help=f"subset of: {', '.join(BACKBONES)}")
@@ -694,6 +865,12 @@ def cmd_ablate(args: argparse.Namespace) -> int:
     command = "userlab ablate " + " ".join(shlex.quote(a) for a in sys.argv[1:] if a != "ablate")
     md, png = write_report(df, grid.out_dir, command=command.strip())
     print(format_summary(summarize(df)))
+    steps = component_steps(df) if "none" in set(df["strategy"]) else pd.DataFrame()
+    if len(steps):
+        table = format_steps(steps)
+        print("\ncomponent steps (paired bootstrap over test images):\n" + table)
+        atomic_write_text(md, md.read_text(encoding="utf-8") + "\nComponent steps (Δ rSum, paired bootstrap "
+                          "95 % interval over test images of the seed-averaged scores):\n\n" + table + "\n")
     print(f"\nrows: {Path(grid.out_dir) / RESULTS_FILE}; summary: {md}; figure: {png}")
     return 0
 

@@ -1,4 +1,4 @@
-"""Command line: ``userlab {demo,extract,train,eval,ablate,lab}`` (also ``python -m userlab``).
+"""Command line: ``userlab {demo,extract,train,eval,diagnose,ablate,lab}`` (also ``python -m userlab``).
 
 Every command validates its inputs before work starts and exits with status 2 and a one-line
 message naming the file or field on bad input (``--debug`` shows the traceback).
@@ -94,6 +94,11 @@ def make_parser() -> argparse.ArgumentParser:
     from .ablation import add_ablate_arguments
     p = sub.add_parser("ablate", help="grid of backbones x training strategies x seeds (DBL ablation)")
     add_ablate_arguments(p)
+
+    from .diagnostics import add_arguments as add_diagnose_arguments
+    p = sub.add_parser("diagnose", help="hubness, modality gap, collapse, attention entropy, recall by "
+                                        "caption kind, twin confusion of a trained run")
+    add_diagnose_arguments(p)
 
     from .lab import add_arguments as add_lab_arguments
     p = sub.add_parser("lab", help="start JupyterLab on 127.0.0.1 with a token")
@@ -253,7 +258,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "eval": cmd_eval, "extract": cmd_extract, "demo": cmd_demo,
+def cmd_diagnose(args: argparse.Namespace) -> int:
+    from .diagnostics import cmd_diagnose as run
+    return run(args)
+
+
+COMMANDS = {"diagnose": cmd_diagnose, "train": cmd_train, "eval": cmd_eval, "extract": cmd_extract, "demo": cmd_demo,
             "ablate": cmd_ablate, "lab": cmd_lab}
 
 

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from math import comb
 from pathlib import Path
@@ -10,6 +9,7 @@ from typing import Optional
 
 import pandas as pd
 
+from .runfolder import move_run_aside
 from .config import ExperimentConfig, preset
 
 
@@ -27,7 +27,8 @@ def chance_metrics(n_images: int, captions_per_image: int = 5) -> dict[str, floa
 
 
 def _fresh_run_dir(cfg: ExperimentConfig) -> None:
-    """Keep a finished or interrupted run only if it was made with exactly this config."""
+    """Keep a finished or interrupted run only if it was made with exactly this config; a run
+    made with another config is moved aside (``<run>.old-<time>``), never deleted."""
     run = Path(cfg.run_dir)
     saved = run / "config.json"
 
@@ -37,7 +38,8 @@ def _fresh_run_dir(cfg: ExperimentConfig) -> None:
         return d
 
     if saved.is_file() and comparable(json.loads(saved.read_text())) != comparable(cfg.to_dict()):
-        shutil.rmtree(run)
+        aside = move_run_aside(run)
+        print(f"{run}: made with another config; moved to {aside}")
 
 
 def demo_configs(data_root: str, runs: str, epochs: Optional[int] = None, smoke: bool = False
@@ -84,7 +86,8 @@ def run_demo(out: str = "data/demo", runs: str = "runs", figures: str = "figures
         _fresh_run_dir(cfg)
         t = time.perf_counter()
         print(f"\n== training {name} ({cfg.run_dir}) ==")
-        Trainer(cfg, max_steps=3 if smoke else None).fit()
+        # smoke: one short epoch (12 steps of 16 on the tiny scenes) so a best checkpoint exists
+        Trainer(cfg).fit()
         timings[f"train {name}"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -94,9 +97,13 @@ def run_demo(out: str = "data/demo", runs: str = "runs", figures: str = "figures
     chance = chance_metrics(n_images)
     table = pd.concat([table, pd.DataFrame([{"model": "chance", "protocol": "full", **chance}])],
                       ignore_index=True)
+    ran = pd.DataFrame([what_ran(name, cfg) for name, cfg in configs.items()])
+    table = table.merge(ran, on="model", how="left")
     from .evaluate import format_table
     print(f"\n== test split: {n_images} images, {5 * n_images} captions ==")
     print(format_table(table))
+    print("\n== what each row trained ==")
+    print(format_what_ran(ran))
 
     from . import viz
     fig_dir = Path(figures)
@@ -104,6 +111,58 @@ def run_demo(out: str = "data/demo", runs: str = "runs", figures: str = "figures
     print("\nfigures: " + ", ".join(str(p) for p in paths))
     print("\ntimings: " + ", ".join(f"{k} {v:.1f} s" for k, v in timings.items()))
     return table
+
+
+#: Columns :func:`what_ran` adds to the demo table.
+RAN_COLUMNS = ("enhancement", "objective", "queue", "epochs", "checkpoint")
+
+
+def what_ran(name: str, cfg: ExperimentConfig) -> dict[str, str]:
+    """What a demo row trained, read from its run folder's config and best checkpoint.
+
+    ``enhancement`` (none / sge / cge / sge+cge), ``objective`` (UTO, or the triplet with its
+    VSE0 warm-up epochs), ``queue`` (two queues of N keys, or none), ``epochs`` trained and
+    ``checkpoint`` (the epoch of the reported ``best`` checkpoint and the epochs it was chosen
+    from: after the warm-up when the warm-up changes the objective).
+    """
+    from . import checkpoint as ckpt
+    run = Path(cfg.run_dir)
+    saved = run / "config.json"
+    if saved.is_file():
+        cfg = ExperimentConfig.from_json(saved)   # what ran, even if the preset changed since
+    obj = cfg.loss.objective
+    if obj == "uto":
+        objective = f"UTO (mu {cfg.loss.mu:g}, lambda {cfg.loss.lambda_batch:g})"
+    elif obj == "triplet":
+        hard = "hardest negative" if cfg.loss.max_violation else "sum of negatives (VSE0)"
+        warm = cfg.loss.warmup_epochs if cfg.loss.max_violation else 0
+        if warm >= cfg.optim.epochs:   # the warm-up never ended: say so
+            objective = "triplet, sum of negatives (VSE0) only: every epoch was warm-up"
+        else:
+            objective = f"triplet, {hard}" + (f" after {warm} VSE0 warm-up epoch{'s' * (warm > 1)}" if warm else "")
+    else:
+        objective = f"InfoNCE (t {cfg.loss.temperature:g})"
+    queue = (f"2 x {cfg.momentum.queue_size} (momentum {cfg.momentum.momentum:g})"
+             if cfg.momentum.enabled and obj == "uto" else "none")
+    checkpoint = "-"
+    try:
+        state = ckpt.load_train_state(ckpt.find_checkpoint(run, tag="best"))
+        warm = cfg.loss.warmup_epochs
+        changes = obj == "triplet" or cfg.boost.schedule != "none"
+        first = warm + 1 if (warm > 0 and changes and cfg.optim.epochs > warm) else 1
+        checkpoint = f"best dev: epoch {int(state['epoch'])} of {first}-{cfg.optim.epochs}"
+    except Exception:  # noqa: BLE001 - a missing checkpoint just leaves the cell empty
+        pass
+    return {"model": name, "enhancement": cfg.model.enhancement, "objective": objective, "queue": queue,
+            "epochs": str(cfg.optim.epochs), "checkpoint": checkpoint}
+
+
+def format_what_ran(ran: pd.DataFrame) -> str:
+    """Markdown table of :func:`what_ran` rows."""
+    cols = ["model", *RAN_COLUMNS]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(str(r[c]) for c in cols) + " |" for _, r in ran.iterrows()]
+    return "\n".join(lines)
 
 
 def describe_folder(folder: Path) -> str:

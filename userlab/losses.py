@@ -368,20 +368,36 @@ def collapse_score(sim: torch.Tensor) -> float:
     return float(s.max() - s.min())
 
 
-def check_collapse(sim: torch.Tensor, tol: float = 1e-3) -> bool:
-    """True, with a :class:`CollapseWarning`, when all similarities lie within ``tol``.
+def check_collapse(sim: torch.Tensor, tol: float = 1e-3, near_one: Optional[float] = 0.9,
+                   min_gap: float = 0.01) -> bool:
+    """True, with a :class:`CollapseWarning`, when the batch looks collapsed.
 
-    A single similarity (B = 1) cannot show collapse and returns False.
+    Two signs: all similarities lie within ``tol`` of each other (spread), or, for a square
+    batch matrix with positives on the diagonal, positives and negatives both average above
+    ``near_one`` and differ by less than ``min_gap`` (every embedding near one point, with
+    enough noise left that the spread test alone misses it). ``near_one=None`` turns the
+    second test off. A single similarity (B = 1) cannot show collapse and returns False.
     """
     if isinstance(sim, torch.Tensor) and sim.numel() < 2:
         return False
     spread = collapse_score(sim)
+    b = sim.shape[0]
     if spread < tol:
-        b = sim.shape[0]
         warnings.warn(
             f"all {sim.numel()} similarities of the batch lie within {spread:.2e} of each other "
             f"(tolerance {tol:g}): the embeddings have collapsed; a triplet loss now stays at "
             f"2·B·margin = {2 * b}·margin. Try a lower learning rate, VSE0 warm-up epochs or "
             "a different seed.", CollapseWarning, stacklevel=2)
         return True
+    if near_one is not None and sim.dim() == 2 and sim.shape[0] == sim.shape[1] and b > 1:
+        s = _up(sim.detach())
+        pos = float(s.diagonal().mean())
+        neg = float((s.sum() - s.diagonal().sum()) / (s.numel() - b))
+        if pos > near_one and neg > near_one and pos - neg < min_gap:
+            warnings.warn(
+                f"positive ({pos:.3f}) and negative ({neg:.3f}) similarities are both above "
+                f"{near_one:g} and differ by less than {min_gap:g}: the embeddings have nearly "
+                "collapsed to one point. Try a lower learning rate, VSE0 warm-up epochs or a "
+                "smaller boosting weight.", CollapseWarning, stacklevel=2)
+            return True
     return False

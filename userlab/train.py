@@ -432,9 +432,18 @@ class Trainer:
         return row
 
     def evaluate_dev(self) -> dict[str, float]:
-        df = evaluate(self.model, self.data.val, protocol="full", device=self.device,
-                      batch_size=max(128, self.cfg.data.batch_size), progress=False)
-        return {k: float(v) for k, v in df.iloc[0].items() if k != "protocol"}
+        """Dev metrics, plus the dev matrix's spread, collapse score and hubness (``dev_*``)."""
+        from .diagnostics import hubness, similarity_stats
+        df, sims = evaluate(self.model, self.data.val, protocol="full", device=self.device,
+                            batch_size=max(128, self.cfg.data.batch_size), progress=False,
+                            return_sims=True)
+        row = {k: float(v) for k, v in df.iloc[0].items() if k != "protocol"}
+        stats = similarity_stats(sims, margin=self.cfg.loss.margin)
+        hub = hubness(sims, k=min(10, sims.shape[0]))
+        row.update({"dev_pos_sim": stats["pos_mean"], "dev_neg_sim": stats["neg_mean"],
+                    "dev_sim_gap": stats["gap"], "dev_collapse": stats["collapse"],
+                    "dev_hub_skew_t2i": hub["t2i"]["skewness"], "dev_hub_skew_i2t": hub["i2t"]["skewness"]})
+        return row
 
     def close(self) -> None:
         """Release the run folder's lock (a Trainer that will not train after all)."""
@@ -513,9 +522,24 @@ class Trainer:
                     self.writer.add_scalar(f"dev/{k}", v, self.step)
         for cb in self.callbacks:
             cb.on_eval(self, row)
-        if metrics["rsum"] > self.best_rsum:
+        if metrics["rsum"] > self.best_rsum and self.selectable_epoch(self.epoch):
             self.best_rsum = metrics["rsum"]
             self.save("best")
+
+    def selectable_epoch(self, epoch: int) -> bool:
+        """May the model after ``epoch`` epochs become ``best``?
+
+        Not during a warm-up that changes the objective (``loss.warmup_epochs`` with the triplet
+        loss or DBL): a VSE0 warm-up model often scores higher on dev than the first
+        hardest-negative epochs, and choosing it would report a model trained with another loss
+        than the one named. A run with no epoch after its warm-up keeps the usual rule.
+        """
+        cfg = self.cfg
+        warm = cfg.loss.warmup_epochs
+        changes_objective = cfg.loss.objective == "triplet" or cfg.boost.schedule != "none"
+        if warm <= 0 or not changes_objective or cfg.optim.epochs <= warm:
+            return True
+        return epoch > warm
 
 
 def load_model(path: str | os.PathLike, tag: str = "best", device: Optional[torch.device] = None

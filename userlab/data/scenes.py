@@ -210,12 +210,14 @@ class Scene:
     twin_of: int | None = None
     twin_kind: str | None = None
     captions: list[str] = field(default_factory=list)
+    caption_frames: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         return {
             "background": self.background, "pattern": self.pattern,
             "twin_of": self.twin_of, "twin_kind": self.twin_kind,
             "n_objects": len(self.objects), "captions": list(self.captions),
+            "caption_frames": list(self.caption_frames),
             "objects": [{"shape": o.shape, "colour": o.colour, "size": o.size,
                          "centre": [round(o.cx, 2), round(o.cy, 2)], "radius": round(o.radius, 2),
                          "bbox": [round(v, 2) for v in o.bbox]} for o in self.objects],
@@ -364,7 +366,7 @@ def twin_scene(base: Scene, base_index: int, rng: random.Random) -> Scene | None
             if not any(relation(a, b, size) in axis for a in objs for b in objs if a is not b):
                 continue
         return dataclasses.replace(base, objects=tuple(new), twin_of=base_index,
-                                   twin_kind=kind, captions=[])
+                                   twin_kind=kind, captions=[], caption_frames=[])
     return None
 
 
@@ -381,7 +383,7 @@ def generate_scenes(config: SceneConfig, split: str) -> list[Scene]:
             scene = twin_scene(prev, len(scenes) - 1, rng)
         if scene is None:
             scene = random_scene(config, rng)
-        scene.captions = describe_scene(scene, rng)
+        scene.captions, scene.caption_frames = describe_scene_with_frames(scene, rng)
         scenes.append(scene)
     return scenes
 
@@ -600,36 +602,62 @@ def _finish(text: str, rng: random.Random) -> str:
     return text
 
 
+#: Coarse caption kind of each caption frame (what a caption tests; see :func:`describe_scene`).
+FRAME_KINDS: dict[str, str] = {
+    "inventory": "colour binding", "unique_attribute": "colour binding",
+    "size_contrast": "colour binding",
+    "relation_caption": "relations", "two_relations": "relations", "near_caption": "relations",
+    "frame_caption": "relations",
+    "count_caption": "counts",
+    "shapes_only": "partial", "colours_only": "partial", "single_object": "partial",
+}
+CAPTION_KINDS = ("counts", "relations", "colour binding", "partial")
+
+
+def describe_scene_with_frames(scene: Scene, rng: random.Random, n: int = 5
+                               ) -> tuple[list[str], list[str]]:
+    """:func:`describe_scene` and the frame (writer method) each caption came from.
+
+    Draws exactly the random numbers :func:`describe_scene` draws (that function calls this
+    one), so recording frames never changes the captions of a seed.
+    """
+    writer = _Writer(scene, rng)
+    captions: list[str] = []
+    frames_used: list[str] = []
+
+    def add(text: str | None, frame: str) -> None:
+        if text is None:
+            return
+        text = _finish(text, rng)
+        if text.lower().rstrip(".") not in {c.lower().rstrip(".") for c in captions}:
+            captions.append(text)
+            frames_used.append(frame)
+
+    add(writer.inventory(), "inventory")
+    add(writer.relation_caption(), "relation_caption")
+    frames = list(_EXTRA_FRAMES)
+    rng.shuffle(frames)
+    for attempt in range(60):
+        if len(captions) >= n:
+            break
+        frame = frames[attempt % len(frames)]
+        add(getattr(writer, frame)(), frame)
+    if len(captions) < n:  # pragma: no cover - the frames above give far more than 5 variants
+        raise RuntimeError(f"could not write {n} distinct captions for a scene")
+    pairs = list(zip(captions[:n], frames_used[:n]))
+    rng.shuffle(pairs)  # same draws as shuffling the captions alone: shuffle depends on length only
+    return [c for c, _ in pairs], [f for _, f in pairs]
+
+
 def describe_scene(scene: Scene, rng: random.Random, n: int = 5) -> list[str]:
     """``n`` distinct true captions of a scene, in varied frames and a random order.
 
     One caption lists every object with its colour and count; one states a spatial relation
     (when any pair has one); the rest come from different frames (counts, shapes only, colours
     only, one object, size contrast, position in the frame, two relations, "the only ...").
+    :data:`FRAME_KINDS` groups the frames into the kinds of :data:`CAPTION_KINDS`.
     """
-    writer = _Writer(scene, rng)
-    captions: list[str] = []
-
-    def add(text: str | None) -> None:
-        if text is None:
-            return
-        text = _finish(text, rng)
-        if text.lower().rstrip(".") not in {c.lower().rstrip(".") for c in captions}:
-            captions.append(text)
-
-    add(writer.inventory())
-    add(writer.relation_caption())
-    frames = list(_EXTRA_FRAMES)
-    rng.shuffle(frames)
-    for attempt in range(60):
-        if len(captions) >= n:
-            break
-        add(getattr(writer, frames[attempt % len(frames)])())
-    if len(captions) < n:  # pragma: no cover - the frames above give far more than 5 variants
-        raise RuntimeError(f"could not write {n} distinct captions for a scene")
-    captions = captions[:n]
-    rng.shuffle(captions)
-    return captions
+    return describe_scene_with_frames(scene, rng, n)[0]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -841,7 +869,7 @@ def load_scenes(folder: str | os.PathLike, split: str) -> list[dict[str, Any]]:
 
 
 __all__ = [
-    "COLOURS", "DEMO_DATA_VERSION", "SHAPES", "SHAPE_NOUNS", "SMOKE", "Scene", "SceneConfig",
-    "SceneObject", "build_demo_data", "describe_scene", "frame_position", "generate_scenes",
+    "CAPTION_KINDS", "COLOURS", "DEMO_DATA_VERSION", "FRAME_KINDS", "SHAPES", "SHAPE_NOUNS", "SMOKE", "Scene", "SceneConfig",
+    "SceneObject", "build_demo_data", "describe_scene", "describe_scene_with_frames", "frame_position", "generate_scenes",
     "is_near", "load_scenes", "relation", "render_scene", "scene_boxes",
 ]

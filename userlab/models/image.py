@@ -58,8 +58,8 @@ def _batch_norm(channels: int) -> nn.BatchNorm1d:
     return bn
 
 
-def region_attention(regions: torch.Tensor, guide: torch.Tensor, lam: float = 1.0
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
+def region_attention(regions: torch.Tensor, guide: torch.Tensor, lam: float = 1.0,
+                     norm: str = "none") -> tuple[torch.Tensor, torch.Tensor]:
     """Add a global vector to every region, weighted by the region's affinity to it.
 
     ``beta = l2norm_k(softmax_k(lam * <g, R_k>))`` and ``R_hat_k = R_k + beta_k * g``
@@ -70,6 +70,10 @@ def region_attention(regions: torch.Tensor, guide: torch.Tensor, lam: float = 1.
         regions: ``(B, R, D)``.
         guide: ``(B, D)`` global vector, normally L2-normalised.
         lam: softmax scale (``attention_lamda``, 1 in USER).
+        norm: ``"none"`` (released code: affinity with the raw regions) or ``"l2"`` (affinity
+            with L2-normalised regions, i.e. cosines; only the affinity changes, the enhanced
+            regions are still ``R_k + beta_k g``). With raw region norms of 10-60 the released
+            softmax is one-hot; ``"l2"`` with ``lam`` ~10 spreads it (``model.attention_norm``).
 
     Returns:
         ``(enhanced (B, R, D), beta (B, R))``.
@@ -78,7 +82,10 @@ def region_attention(regions: torch.Tensor, guide: torch.Tensor, lam: float = 1.
         raise ConfigError("model.region_dim", f"region attention needs a guide of shape "
                                               f"{(regions.shape[0], regions.shape[2])} for regions "
                                               f"{tuple(regions.shape)}, got {tuple(guide.shape)}")
-    affinity = torch.einsum("brd,bd->br", regions, guide)
+    if norm not in ("none", "l2"):
+        raise ConfigError("model.attention_norm", f"{norm!r} is not one of none, l2")
+    keys = l2norm(regions, dim=-1) if norm == "l2" else regions
+    affinity = torch.einsum("brd,bd->br", keys, guide)
     weights = torch.softmax(lam * affinity.to(_at_least_float32(affinity)), dim=1)
     beta = l2norm(weights, dim=1).to(regions.dtype)
     return regions + beta.unsqueeze(-1) * guide.unsqueeze(1), beta
@@ -117,11 +124,12 @@ class SelfGuidedEnhancement(nn.Module):
     """
 
     def __init__(self, region_dim: int, num_regions: int, dropout: float = 0.4,
-                 attention_lambda: float = 1.0):
+                 attention_lambda: float = 1.0, attention_norm: str = "none"):
         super().__init__()
         self.region_dim = region_dim
         self.num_regions = num_regions
         self.attention_lambda = attention_lambda
+        self.attention_norm = attention_norm
         self.local_fc = _xavier_linear(region_dim, region_dim)
         self.local_bn = _batch_norm(num_regions)
         self.global_fc = _xavier_linear(region_dim, region_dim)
@@ -142,7 +150,7 @@ class SelfGuidedEnhancement(nn.Module):
         logits = self.common_fc(local * glob.unsqueeze(1)).squeeze(-1)
         alpha = torch.softmax(logits.to(_at_least_float32(logits)), dim=1).to(regions.dtype)
         g = l2norm(torch.einsum("br,brd->bd", alpha, regions))
-        enhanced, beta = region_attention(regions, g, self.attention_lambda)
+        enhanced, beta = region_attention(regions, g, self.attention_lambda, self.attention_norm)
         return enhanced, alpha, beta, g
 
 
@@ -173,11 +181,12 @@ class ClipGuidedEnhancement(nn.Module):
     """
 
     def __init__(self, guide_dim: int, region_dim: int, hidden: int = 1024,
-                 attention_lambda: float = 1.0):
+                 attention_lambda: float = 1.0, attention_norm: str = "none"):
         super().__init__()
         self.guide_dim = guide_dim
         self.region_dim = region_dim
         self.attention_lambda = attention_lambda
+        self.attention_norm = attention_norm
         self.head = nn.Sequential(
             _batch_norm(guide_dim),
             _xavier_linear(guide_dim, hidden),
@@ -205,7 +214,7 @@ class ClipGuidedEnhancement(nn.Module):
             raise ConfigError("model.guide_dim", f"{guide.shape[0]} guide vectors for "
                                                  f"{regions.shape[0]} images")
         g_clip = self.project(guide)
-        enhanced, beta = region_attention(regions, g_clip, self.attention_lambda)
+        enhanced, beta = region_attention(regions, g_clip, self.attention_lambda, self.attention_norm)
         return enhanced, beta, g_clip
 
 
@@ -247,10 +256,10 @@ class ImageEncoder(nn.Module):
         self.region_dim = cfg.region_dim
         self.num_regions = cfg.num_regions
         self.sge = (SelfGuidedEnhancement(cfg.region_dim, cfg.num_regions, cfg.sge_dropout,
-                                          cfg.attention_lambda)
+                                          cfg.attention_lambda, cfg.attention_norm)
                     if "sge" in cfg.enhancement else None)
         self.cge = (ClipGuidedEnhancement(cfg.guide_dim, cfg.region_dim, cfg.embed_size,
-                                          cfg.attention_lambda)
+                                          cfg.attention_lambda, cfg.attention_norm)
                     if "cge" in cfg.enhancement else None)
         self.fc = _xavier_linear(cfg.region_dim, cfg.embed_size)
         self.mlp = RegionMLP(cfg.region_dim, cfg.mlp_hidden, cfg.embed_size)
