@@ -116,7 +116,7 @@ from userlab import diagnostics as dg
 
 diag_rows = []
 for name, run_dir in runs.items():
-    rep = dg.diagnose_run(run_dir, split="test", data_root=demo_config("vsepp").data.root)
+    rep = dg.diagnose_run(run_dir, split="test", data_root=str(lesson.data_root))
     diag_rows.append({"model": name, **dg.key_numbers(rep),
                       **{f"t2i R@1 {r['group']}": r["R@1"] for r in rep["recall_by_group"]["rows"]}})
 diag = pd.DataFrame(diag_rows).set_index("model")
