@@ -16,7 +16,8 @@
 # | global vector | $g = \mathrm{l2norm}(\sum_k \alpha_k R_k)$ (CGE: $g$ = projected guide embedding) | `SelfGuidedEnhancement`, `ClipGuidedEnhancement` |
 # | region attention | $\beta = \mathrm{l2norm}_k\big(\mathrm{softmax}_k(\lambda\langle g, R_k\rangle)\big)$ | `models.image.region_attention` |
 # | enhancement | $\hat R_k = R_k + \beta_k\, g$ | `models.image.region_attention` |
-# | margin of a query | $m = S_{\text{pos}} - \max_{\text{neg}} S_{\text{neg}}$ (hinge active when $m < 0.2$) | `viz.margin_records` |
+# | margin of a query | $m = S_{\text{pos}} - \max_{\text{neg}} S_{\text{neg}}$ ($m < 0$: a miss at rank 1) | `viz.margin_records` |
+# | UTO's threshold | a negative is pushed down while $S_{\text{neg}} > \gamma = 0.5$ (USER has no margin) | `viz.objective_threshold` |
 
 # %%
 import numpy as np
@@ -75,8 +76,9 @@ viz.save(fig, "04_sge_beta", figures_dir())
 
 # %%
 cge = viz.attention_weights(outputs["CGE"], 0)
-fig = viz.plot_attention_comparison(image0, test.boxes[0],
-                                    {"SGE β": sge["beta"], "CGE β": cge["beta"], "none": None})
+fig = viz.plot_attention_comparison(image0, test.boxes[0],  # one opacity scale for both maps
+                                    {"SGE β": sge["beta"], "CGE β": cge["beta"], "none": None},
+                                    shared_scale=True)
 viz.save(fig, "04_cge_vs_sge", figures_dir())
 
 # %% [markdown]
@@ -89,40 +91,79 @@ fig = viz.plot_gpo_weights({name: viz.attention_weights(out, 0)["gpo"] for name,
 viz.save(fig, "04_gpo_weights", figures_dir())
 
 # %% [markdown]
-# ## 4. Margins over training
-# Each dot is one dev query; a margin below 0 is a retrieval miss at rank 1, below 0.2 an active
-# VSE++ hinge.
+# ## 4. Margins over training, judged by USER's own objective
+# The three models are trained with the unified objective (UTO). UTO has no margin: a negative is
+# pushed down while its similarity exceeds the absolute threshold γ. So each dev query is judged
+# by its **hardest negative**: above γ (dashed line), the objective still works on that query.
+# The margin (positive minus hardest negative; below 0 a miss at rank 1) is printed alongside.
 
 # %%
 import pandas as pd
 records = pd.concat([r.records for r in recorders.values()], ignore_index=True)
-fig = viz.plot_margin_distributions(records, hue="model")
+threshold = viz.objective_threshold(*(t.cfg for t in trainers.values()))
+print("threshold:", threshold.label, "| violation:", threshold.rule)
+fig = viz.plot_margin_distributions(records, threshold, hue="model")
 viz.save(fig, "04_margin_distributions", figures_dir())
-viz.violation_table(records)
+table = viz.violation_table(records, threshold, hue="model").rename(
+    columns={"violation_rate": threshold.rule})
+table["R@1 misses (margin < 0)"] = viz.violation_table(records, 0.0, hue="model")["violation_rate"]
+assert table.iloc[:, 2:].apply(lambda c: c.between(0, 1).all()).all()
+table
 
 # %% [markdown]
 # ## 5. Inside the queues
-# Key age, queue negatives vs batch negatives, and how many keys of the query's own image sit in
-# the queue (the false negatives that `momentum.mask_same_image` removes).
+# After training, the SGE model's queues against 32 training captions and their images: key
+# ages, queue negatives beside the batch negatives of the same queries (image queries against
+# the text queue, caption queries against the image queue), and the keys of each query's own
+# image in the queue (the false negatives that `momentum.mask_same_image` removes).
 
 # %%
 model = trainers["SGE"].model
-cap_batch = collate_batch([trainers["SGE"].data.train[i] for i in range(32)])
+cap_batch = move_batch(collate_batch([trainers["SGE"].data.train[i] for i in range(32)]), trainers["SGE"].device)
 with torch.no_grad():
     model.eval()
-    q = model.encode_image(move_batch(cap_batch, trainers["SGE"].device)).embedding
-fig = viz.plot_queue_state(model.text_queue, query_emb=q, query_ids=cap_batch["image_id"])
+    v, t = model.encode_image(cap_batch).embedding, model.encode_text(cap_batch).embedding
+fig = viz.plot_queues(model.image_queue, model.text_queue, v, t, cap_batch["image_id"], batch_sims=v @ t.T)
 viz.save(fig, "04_queue_state", figures_dir())
+queue_neg = (v @ model.text_queue.keys).flatten()
+batch_neg = (v @ t.T)[~torch.eye(len(v), dtype=torch.bool, device=v.device)]
+print(f"mean similarity of image queries: text-queue negatives {queue_neg.mean():.3f}, "
+      f"batch negatives {batch_neg.mean():.3f}")
+assert torch.isfinite(queue_neg).all() and torch.isfinite(batch_neg).all()
 
 # %% [markdown]
 # ## 6. The joint embedding space
-# Images (large dots) and their captions (small dots), projected to 2-D; lines join an image to
-# its 5 captions.
+# Left: images (dots) and captions (crosses) projected together. The leading axis is mostly the
+# *modality gap*: all images sit on one side, all captions on the other (measured below). Right:
+# each modality centred on its own mean first, which removes the gap and shows what the space
+# encodes beyond it: scenes coloured by their number of objects, lines joining five images to
+# their five captions. A linear probe on the embeddings says which scene properties they carry.
 
 # %%
+import matplotlib.pyplot as plt
+from userlab.data.scenes import load_scenes
+from userlab.probe import linear_probe
+
 img, cap, test = encode_run(runs["SGE"], split="test", progress=False)
-fig = viz.plot_embedding_map(img, cap, method="pca")
+scenes_test = load_scenes(test.folder, "test")
+n_objects = np.array([sc["n_objects"] for sc in scenes_test])[:len(img)]
+fig, (left, right) = plt.subplots(1, 2, figsize=(14, 5.4))
+viz.plot_embedding_map(img, cap, method="pca", ax=left)
+viz.plot_embedding_map(img, cap, labels=n_objects, method="pca", centre=True, ax=right,
+                       label_name="objects in the scene")
+fig.tight_layout()
 viz.save(fig, "04_embedding_map", figures_dir())
+gap = viz.modality_gap(img, cap)
+print({k: round(v, 3) for k, v in gap.items()})
+folds = 5 if not SMOKE else 2
+for name, labels in {"objects in the scene": n_objects,
+                     "shape of the first object": [sc["objects"][0]["shape"] for sc in scenes_test[:len(img)]],
+                     "background": [sc["background"] for sc in scenes_test[:len(img)]]}.items():
+    counts = pd.Series(labels).value_counts()
+    keep = np.isin(labels, counts[counts >= folds].index)
+    if keep.sum() > folds and (counts >= folds).sum() > 1:
+        print(f"{name}: {linear_probe(img.cpu().numpy()[keep], np.asarray(labels)[keep], folds=folds)}")
+assert np.isfinite(list(gap.values())).all() and 0.0 <= gap["gap_variance_share"] <= 1.0
 
 # %% [markdown]
 # ## 7. Interactive browsers
