@@ -158,13 +158,18 @@ def integer_ticks(ax: plt.Axes, axis: str = "x") -> None:
         getattr(ax, f"{which}axis").set_major_locator(MaxNLocator(integer=True))
 
 
-def legend_outside(ax: plt.Axes, title: Optional[str] = None, **kwargs) -> Any:
-    """A legend to the right of the axis, where it covers no data (None when nothing is labelled)."""
+def legend_outside(ax: plt.Axes, title: Optional[str] = None, where: str = "right", **kwargs) -> Any:
+    """A legend beside the axis (``where="right"``) or under it (``"below"``), where it covers
+    no data; None when nothing is labelled."""
     handles, labels = ax.get_legend_handles_labels()
     if not handles:
         return None
-    return ax.legend(handles, labels, title=title, loc="upper left", bbox_to_anchor=(1.01, 1.0),
-                     borderaxespad=0.0, fontsize=8, title_fontsize=8, **kwargs)
+    if where not in ("right", "below"):
+        raise ConfigError("where", f"{where!r} is not one of right, below")
+    place = (dict(loc="upper left", bbox_to_anchor=(1.01, 1.0)) if where == "right"
+             else dict(loc="upper center", bbox_to_anchor=(0.5, -0.2)))
+    return ax.legend(handles, labels, title=title, borderaxespad=0.0, fontsize=8, title_fontsize=8,
+                     **place, **kwargs)
 
 
 def colour_word_palette(words: Sequence[str]) -> dict[str, str]:
@@ -882,7 +887,7 @@ def _negatives_panel(ax: plt.Axes, queue: Any, query_emb: Any, batch_neg_sims: A
             ax.hist(v, bins=edges, density=True, alpha=0.55, color=MODEL_COLOURS[label],
                     label=f"{label} (n={len(v)}, mean {v.mean():.2f})")
     ax.set(xlabel="similarity", ylabel="density", title=title)
-    ax.legend(fontsize=7, loc="best")
+    legend_outside(ax, where="below")
 
 
 def _queue_scores(queue: Any, query_emb: Any) -> np.ndarray:
@@ -900,6 +905,7 @@ def _queue_scores(queue: Any, query_emb: Any) -> np.ndarray:
 def _same_image_panel(ax: plt.Axes, queue: Any, query_ids: Any, name: str = "query") -> np.ndarray:
     counts = same_image_counts(queue.ids, query_ids)
     ax.bar(np.arange(len(counts)), counts, color=MISS_COLOUR)
+    ax.set_ylim(0, max(1, int(counts.max(initial=0))) + 0.5)
     ax.set(xlabel=name, ylabel="same-image keys",
            title=f"same-image keys: {int(counts.sum())} ({(counts > 0).mean() * 100:.0f}% of queries)")
     integer_ticks(ax, "both")
@@ -1095,9 +1101,10 @@ def plot_embedding_map(img_emb: Any, cap_emb: Any, labels: Any = None, method: s
         linked: explicit image indices to link (overrides ``n_linked``).
         max_images: keep only this many images (evenly spaced) and their captions, for speed.
         seed: t-SNE seed.
-        centre: subtract each modality's own mean first. Without it the leading axis of a
-            trained joint space is usually the image/caption gap (:func:`modality_gap`); centred,
-            the map shows how scenes spread and whether captions sit by their image.
+        centre: subtract each modality's own mean and scale both to the same root-mean-square
+            norm first. Without it the leading axis of a trained joint space is usually the
+            image/caption gap (:func:`modality_gap`); centred, the map shows how scenes spread
+            and whether captions sit by their image.
         ax: draw into this axis (its figure is returned).
         label_name: legend title for ``labels``.
     """
@@ -1115,8 +1122,10 @@ def plot_embedding_map(img_emb: Any, cap_emb: Any, labels: Any = None, method: s
         keep = np.unique(np.linspace(0, len(img) - 1, max_images).round().astype(int))
     cap_keep = (keep[:, None] * k + np.arange(k)[None, :]).reshape(-1)
     pts_img, pts_cap = img[keep], cap[cap_keep]
-    if centre:  # each modality about its own mean: removes the gap between them
+    if centre:  # each modality about its own mean, at the same spread: removes the gap
         pts_img, pts_cap = pts_img - img.mean(axis=0), pts_cap - cap.mean(axis=0)
+        pts_img = pts_img / max(float(np.sqrt((pts_img ** 2).sum(axis=1).mean())), 1e-12)
+        pts_cap = pts_cap / max(float(np.sqrt((pts_cap ** 2).sum(axis=1).mean())), 1e-12)
     xy = embedding_map_2d(np.concatenate([pts_img, pts_cap]), method, seed)
     xy_img, xy_cap = xy[:len(keep)], xy[len(keep):]
     if ax is None:
@@ -1158,7 +1167,7 @@ def plot_embedding_map(img_emb: Any, cap_emb: Any, labels: Any = None, method: s
         ax.add_collection(LineCollection(segments, colors="black", linewidths=0.7, alpha=0.6,
                                          gid="links"))
     ax.set(title=f"joint embedding space ({method.upper()}, {len(keep)} images"
-                 f"{', each modality centred' if centre else ''})", xticks=[], yticks=[])
+                 f"{', modalities centred and scaled' if centre else ''})", xticks=[], yticks=[])
     fig.tight_layout()
     return fig
 
