@@ -112,10 +112,11 @@ fig = viz.plot_queues(queues_before["image"], queues_before["text"], outputs["im
 viz.save(fig, "02_queue_state", figures_dir())
 S_last = outputs["sim"].detach().cpu()
 off = ~torch.eye(len(S_last), dtype=torch.bool)
-q_neg = (outputs["img"].detach().cpu() @ queues_before["text"].keys).flatten()
+written = queues_before["text"].written_at >= 0       # the rest are USER's random initial keys
+q_neg = (outputs["img"].detach().cpu() @ queues_before["text"].keys[:, written]).flatten()
 same_keys = viz.same_image_counts(queues_before["text"].ids, b["image_id"])
-print(f"mean similarity: batch negatives {S_last[off].mean():.3f}, text-queue negatives {q_neg.mean():.3f}, "
-      f"positives {S_last.diag().mean():.3f}")
+print(f"mean similarity: batch negatives {S_last[off].mean():.3f}, text-queue negatives {q_neg.mean():.3f} "
+      f"({int(written.sum())} written keys, {int((~written).sum())} random), positives {S_last.diag().mean():.3f}")
 print(f"queries with a same-image key in the text queue before the enqueue: {(same_keys > 0).mean():.0%}")
 assert torch.isfinite(q_neg).all() and 0.0 <= (same_keys > 0).mean() <= 1.0
 

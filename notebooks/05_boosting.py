@@ -46,7 +46,8 @@ base = {"optim.epochs": epochs, "optim.lr_step": 0, "data.train_max_images": Non
 cfg = demo_config("vsepp", run="05_offline", **base, **{"boost.schedule": "offline", "boost.strategy": "relative"})
 offline_rec = MarginRecorder("offline")
 offline = fit_experiment(cfg, callbacks=[offline_rec], resume=False)
-records = offline_rec.records
+records = offline_rec.records        # the anchor stage's own rows are named "offline"; keep the pair
+records = records[records.model.isin(["anchor", "target"])]
 threshold = viz.objective_threshold(offline.cfg)     # triplet margin 0.2 (VSE++ / DBL)
 last = records[records.epoch == records.epoch.max()]
 fig = viz.plot_margin_distributions(last, threshold, hue="model")

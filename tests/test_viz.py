@@ -490,6 +490,8 @@ def test_epoch_and_rank_ticks_are_integers():
     assert _tick_values(ax.xaxis) == [1.0, 2.0]
     with pytest.raises(ConfigError):
         viz.integer_ticks(ax, "z")
+    one_epoch = viz.plot_margin_distributions(_margin_records(["anchor"], epochs=(2,)), 0.2)
+    assert _tick_values(one_epoch.axes[1].xaxis) == [2.0]   # not 1.900, 1.925, ...
 
 
 def test_objective_threshold_follows_the_training_objective():
@@ -552,12 +554,17 @@ def test_queue_views_snapshot_before_the_enqueue(tmp_path):
     # top row: image queries against the TEXT queue; bottom: captions against the IMAGE queue
     assert "text queue" in axes[0, 1].get_title() and "image queue" in axes[1, 1].get_title()
     img, txt = out["img"].numpy().astype(np.float64), out["txt"].numpy().astype(np.float64)
+    written = before["text"].written_at.numpy() >= 0            # 8 real keys, 12 random initial ones
+    assert written.sum() == 8
+
+    def legend(ax, start):
+        return next(t.get_text() for t in ax.get_legend().get_texts() if t.get_text().startswith(start))
     text_keys = before["text"].keys.numpy().astype(np.float64)
-    label = next(t.get_text() for t in axes[0, 1].get_legend().get_texts() if t.get_text().startswith("queue"))
-    assert f"mean {(img @ text_keys).mean():.2f}" in label and f"n={img.shape[0] * text_keys.shape[1]}" in label
+    label = legend(axes[0, 1], "queue")
+    assert f"mean {(img @ text_keys[:, written]).mean():.2f}" in label and "n=64" in label
+    assert f"mean {(img @ text_keys[:, ~written]).mean():.2f}" in legend(axes[0, 1], "random initial")
     image_keys = before["image"].keys.numpy().astype(np.float64)
-    label = next(t.get_text() for t in axes[1, 1].get_legend().get_texts() if t.get_text().startswith("queue"))
-    assert f"mean {(txt @ image_keys).mean():.2f}" in label
+    assert f"mean {(txt @ image_keys[:, written]).mean():.2f}" in legend(axes[1, 1], "queue")
     batch_label = next(t.get_text() for t in axes[0, 1].get_legend().get_texts() if t.get_text().startswith("batch"))
     assert "n=56" in batch_label                        # 8 x 8 off-diagonal
     assert axes[0, 1].get_xlim() == axes[1, 1].get_xlim()

@@ -93,7 +93,7 @@ MODEL_COLOURS: dict[str, str] = {
     "DBL online": "#332288", "online": "#332288",        # indigo
     "DBL momentum": "#44aa99", "momentum": "#44aa99",    # teal
     "image queries": "#0173b2", "caption queries": "#de8f05",
-    "queue negatives": "#cc78bc", "batch negatives": "#029e73",
+    "queue negatives": "#cc78bc", "batch negatives": "#029e73", "random initial keys": "#949494",
 }
 #: Colours for names not in :data:`MODEL_COLOURS` (``strict=False``): picked by a hash of the
 #: name, so a name keeps its colour from figure to figure; none of them is a registered colour.
@@ -155,7 +155,11 @@ def integer_ticks(ax: plt.Axes, axis: str = "x") -> None:
     if axis not in ("x", "y", "both"):
         raise ConfigError("axis", f"{axis!r} is not one of x, y, both")
     for which in (("x", "y") if axis == "both" else (axis,)):
-        getattr(ax, f"{which}axis").set_major_locator(MaxNLocator(integer=True))
+        getattr(ax, f"{which}axis").set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
+        lo, hi = sorted(getattr(ax, f"get_{which}lim")())
+        if hi - lo < 1.0:  # a single epoch: widen so one whole number stands in the view
+            mid = float(np.round((lo + hi) / 2))
+            getattr(ax, f"set_{which}lim")(mid - 0.5, mid + 0.5)
 
 
 def legend_outside(ax: plt.Axes, title: Optional[str] = None, where: str = "right", **kwargs) -> Any:
@@ -167,7 +171,7 @@ def legend_outside(ax: plt.Axes, title: Optional[str] = None, where: str = "righ
     if where not in ("right", "below"):
         raise ConfigError("where", f"{where!r} is not one of right, below")
     place = (dict(loc="upper left", bbox_to_anchor=(1.01, 1.0)) if where == "right"
-             else dict(loc="upper center", bbox_to_anchor=(0.5, -0.2)))
+             else dict(loc="upper center", bbox_to_anchor=(0.5, -0.3)))
     return ax.legend(handles, labels, title=title, borderaxespad=0.0, fontsize=8, title_fontsize=8,
                      **place, **kwargs)
 
@@ -876,7 +880,13 @@ def _negatives_panel(ax: plt.Axes, queue: Any, query_emb: Any, batch_neg_sims: A
                      edges: Any = None, title: str = "negatives") -> None:
     groups = []
     if query_emb is not None:
-        groups.append(("queue negatives", _queue_scores(queue, query_emb).reshape(-1)))
+        scores = _queue_scores(queue, query_emb)
+        filled = _numpy(queue.written_at, "queue.written_at", dtype=np.int64) >= 0
+        used = filled | bool(getattr(queue, "include_unfilled", True))
+        written = filled[used]                     # columns of ``scores`` that hold real keys
+        groups.append(("queue negatives", scores[:, written].reshape(-1)))
+        if (~written).any():                       # USER's random initial keys, still in use
+            groups.append(("random initial keys", scores[:, ~written].reshape(-1)))
     if batch_neg_sims is not None:
         groups.append(("batch negatives", _off_diagonal(batch_neg_sims)))
     values = [v for _, v in groups if len(v)]
