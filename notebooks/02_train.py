@@ -62,13 +62,17 @@ viz.save(fig, "02_similarity_matrix", figures_dir())
 # %% [markdown]
 # The forward pass of `RetrievalModel` runs all five USER steps and returns every loss term.
 # Positives sit on the diagonal. Two captions of the same image can share a batch: their pair is
-# then an off-diagonal "negative" that is really a positive. How many such pairs this batch holds:
+# then an off-diagonal "negative" that is really a positive. How many such pairs this batch holds
+# (built from consecutive captions, so whole images), and how many a shuffled batch of the same
+# size holds on average (the Trainer shuffles):
 
 # %%
 ids = batch["image_id"]
 same = (ids[:, None] == ids[None, :]) & ~torch.eye(len(ids), dtype=torch.bool, device=ids.device)
-print(f"{int(same.sum()) // 2} same-image caption pairs among {len(ids) * (len(ids) - 1) // 2} "
-      f"off-diagonal pairs of this batch ({len(set(ids.tolist()))} images for {len(ids)} captions)")
+n_pairs, per_image, n_caps = len(ids) * (len(ids) - 1) // 2, 5, len(data.train)
+print(f"{int(same.sum()) // 2} same-image caption pairs among {n_pairs} off-diagonal pairs of this batch "
+      f"({len(set(ids.tolist()))} images for {len(ids)} captions); a shuffled batch: "
+      f"{n_pairs * (per_image - 1) / (n_caps - 1):.2f} on average")
 
 # %%
 ptr_before = int(model.image_queue.ptr)

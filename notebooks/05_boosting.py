@@ -106,9 +106,9 @@ costs
 # A grid of backbones × training strategies × seeds (`userlab.ablation`). The next cell prints
 # the grid this notebook runs: in smoke mode a seconds-sized one, in full mode the CPU-sized
 # `default_grid` (VSE++ and full USER × none, DBL relative, DBL absolute, mutual learning × 3
-# seeds, about 20 minutes on 2 cores). The GPU-sized `full_grid` adds the +SGE, +queue/UTO and +CGE
-# backbones and the distillation baseline (`userlab ablate --grid full`). The README's results
-# section holds the CPU-sized run.
+# seeds; the summary prints its training time). The GPU-sized `full_grid` adds the +SGE,
+# +queue/UTO and +CGE backbones and the distillation baseline (`userlab ablate --grid full`). The
+# README's results section holds the CPU-sized run.
 
 # %%
 from userlab import ablation
@@ -123,6 +123,7 @@ print(f"backbones: {', '.join(grid.backbones)} | strategies: {', '.join(grid.str
 results = ablation.run_ablation(grid, progress=False)
 summary = ablation.summarize(results)
 print(ablation.format_summary(summary))
+print(f"{len(results)} cells, {results['train_seconds'].sum() / 60:.1f} min of training in all")
 fig = ablation.plot_ablation(results)
 viz.save(fig, "05_ablation", figures_dir())
 

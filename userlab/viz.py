@@ -271,7 +271,7 @@ def read_logs(run_dir: str | os.PathLike) -> tuple[pd.DataFrame, pd.DataFrame]:
 def plot_loss_terms(train_logs: Mapping[str, pd.DataFrame], smooth: int = 5) -> plt.Figure:
     """Training curves: one panel per run, one line per loss term (``loss_*`` columns)."""
     _style()
-    fig, axes = plt.subplots(1, max(1, len(train_logs)), figsize=(5.5 * max(1, len(train_logs)), 3.6),
+    fig, axes = plt.subplots(1, max(1, len(train_logs)), figsize=(7 * max(1, len(train_logs)), 3.6),
                              squeeze=False)
     for ax, (name, log) in zip(axes[0], train_logs.items()):
         if not len(log):
@@ -281,7 +281,8 @@ def plot_loss_terms(train_logs: Mapping[str, pd.DataFrame], smooth: int = 5) -> 
         for term in terms:
             ax.plot(log["step"], log[term].rolling(smooth, min_periods=1).mean(), label=term.removeprefix("loss_"))
         ax.set(title=name, xlabel="step", ylabel="loss")
-        ax.legend(fontsize=8)
+        integer_ticks(ax, "x")
+        legend_outside(ax, title="term")
     fig.tight_layout()
     return fig
 
