@@ -52,7 +52,7 @@ __all__ = [
     "FIGURES", "HIT_COLOUR", "MISS_COLOUR", "MODEL_COLOURS",
     "register_colours", "palette_for", "hue_order", "integer_ticks", "legend_outside",
     "colour_word_palette", "ObjectiveThreshold", "objective_threshold", "as_threshold",
-    "snapshot_queue", "plot_queues", "modality_gap", "plot_colour_scatter",
+    "snapshot_queue", "plot_queues", "modality_gap", "plot_colour_scatter", "plot_pair_similarity",
     "save", "read_logs", "plot_loss_terms", "plot_dev_rsum", "plot_recall_bars", "demo_figures",
     "attention_weights", "plot_region_attention", "plot_grid_attention", "plot_gpo_weights",
     "plot_attention_comparison",
@@ -1090,6 +1090,42 @@ def modality_gap(img_emb: Any, cap_emb: Any) -> dict[str, float]:
     return {"gap": float(np.linalg.norm(gap_vec)), "gap_variance_share": along / max(total, 1e-12),
             "matched_cosine": float(cos[is_pos].mean()),
             "unmatched_cosine": float(cos[~is_pos].mean()) if (~is_pos).any() else float("nan")}
+
+
+def plot_pair_similarity(img_emb: Any, cap_emb: Any, ax: Optional[plt.Axes] = None,
+                         bins: int = 40, max_pairs: int = 200_000, seed: int = 0) -> plt.Figure:
+    """Cosine of matching image-caption pairs against the other pairs, as two densities.
+
+    This is what retrieval rests on, whatever the modality gap: each image must score its own
+    captions above the others. Colours: :data:`HIT_COLOUR` for matching pairs, grey for the rest
+    (a random sample of ``max_pairs`` when there are more); the legend gives both means.
+
+    Args:
+        img_emb: ``(N, E)`` image embeddings.
+        cap_emb: ``(kN, E)`` caption embeddings, captions ``k*i..`` of image ``i``.
+    """
+    _style()
+    img = _numpy(img_emb, "img_emb")
+    cap = _numpy(cap_emb, "cap_emb")
+    k = _captions_per_image((img.shape[0], cap.shape[0]))
+    unit = lambda x: x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)  # noqa: E731
+    cos = unit(img) @ unit(cap).T
+    is_pos = (np.arange(cap.shape[0]) // k)[None, :] == np.arange(img.shape[0])[:, None]
+    pos, neg = cos[is_pos], cos[~is_pos]
+    if len(neg) > max_pairs:
+        neg = np.random.default_rng(seed).choice(neg, max_pairs, replace=False)
+    if ax is None:
+        fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    else:
+        fig = ax.figure
+    edges = np.histogram_bin_edges(np.concatenate([pos, neg]), bins=bins)
+    ax.hist(neg, bins=edges, density=True, alpha=0.6, color="0.55",
+            label=f"other pairs (mean {cos[~is_pos].mean():.2f})")
+    ax.hist(pos, bins=edges, density=True, alpha=0.6, color=HIT_COLOUR,
+            label=f"matching pairs (mean {pos.mean():.2f})")
+    ax.set(xlabel="image-caption cosine", ylabel="density", title="matching vs other pairs")
+    ax.legend(fontsize=8, loc="best")
+    return fig
 
 
 def plot_embedding_map(img_emb: Any, cap_emb: Any, labels: Any = None, method: str = "pca",
