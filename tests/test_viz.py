@@ -524,6 +524,11 @@ def test_margin_view_draws_the_objective_threshold():
     legend = ax_v.get_legend()
     fig.canvas.draw()                                     # the legend sits beside the data, not on it
     assert legend is not None and legend.get_window_extent().x0 >= ax_v.get_window_extent().x1
+    far = viz.plot_margin_distributions(records.assign(hardest_negative=records["hardest_negative"] * 0.01),
+                                        uto, hue="model")
+    notes = [t for t in far.axes[0].texts if t.get_gid() == "threshold"]
+    assert len(notes) == 1 and "off the scale, at 0.5" in notes[0].get_text()
+    assert far.axes[0].get_ylim()[1] < 0.1                   # the violins keep their scale
     epoch_fig = viz.plot_margin_epoch(records, 2.0, uto)
     assert [l.get_xdata()[0] for l in epoch_fig.axes[0].lines if l.get_gid() == "threshold"] == [0.5]
     assert epoch_fig.axes[0].get_title().startswith("epoch 2.0: hardest negative > 0.5 for")

@@ -780,8 +780,17 @@ def plot_margin_distributions(records: pd.DataFrame, threshold: "float | Objecti
                    legend=False, color=None if hue else MODEL_COLOURS["USER"])
     if rule.column == "margin" and rule.value != 0.0:
         ax_d.axhline(0.0, color="black", lw=0.8)
-    ax_d.axhline(rule.value, color=MISS_COLOUR, lw=1.0, ls="--", gid="threshold")
-    ax_d.set(title=f"{rule.axis_label} per query; dashed: {rule.label}", ylabel=rule.axis_label)
+    values = records[rule.column].to_numpy(dtype=np.float64)
+    lo, hi = float(values.min()), float(values.max())
+    span = max(hi - lo, 1e-9)
+    if lo - span <= rule.value <= hi + span:
+        ax_d.axhline(rule.value, color=MISS_COLOUR, lw=1.0, ls="--", gid="threshold")
+    else:  # far off the data: say where it is instead of squashing every violin to a line
+        above = rule.value > hi
+        ax_d.annotate(f"{'↑' if above else '↓'} {rule.label} lies off the scale, at {rule.value:g}",
+                      xy=(0.99, 0.97 if above else 0.03), xycoords="axes fraction", ha="right",
+                      va="top" if above else "bottom", color=MISS_COLOUR, fontsize=9, gid="threshold")
+    ax_d.set(title=f"{rule.axis_label} per query; threshold: {rule.label}", ylabel=rule.axis_label)
     groups = [(None, rates)] if hue is None else [(n, rates[rates[hue] == n]) for n in order]
     for name, part in groups:
         part = _int_epochs(part).sort_values("epoch")
