@@ -96,9 +96,10 @@ table[["model", "i2t_R@1", "t2i_R@1", "rsum"]]
 from userlab.cost import cost_table
 
 costs = cost_table(runs)
-costs["passes vs VSE++"] = ((costs["trained_passes"] + costs["frozen_passes"])
-                            / costs.loc[costs.model == "VSE++", "trained_passes"].item()).round(2)
-assert (costs[["epochs", "steps", "trained_passes"]] > 0).all().all()
+baseline = costs.set_index("model").loc["VSE++"]
+costs["trained passes vs VSE++"] = (costs["trained_passes"] / baseline["trained_passes"]).round(2)
+costs["time vs VSE++"] = (costs["train_seconds"] / baseline["train_seconds"]).round(2)
+assert (costs[["epochs", "steps", "trained_passes"]] > 0).all().all() and costs["train_seconds"].notna().all()
 costs
 
 # %% [markdown]
