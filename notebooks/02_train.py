@@ -100,9 +100,11 @@ for step in range(6):
     gap_before = (k_param - q).abs().mean().item()
     queues_before = {"image": viz.snapshot_queue(model.image_queue), "text": viz.snapshot_queue(model.text_queue)}
     loss, outputs = model(b)
+    gap_after = (k_param - q).abs().mean().item()   # the forward pass took the EMA step
     opt.zero_grad(); loss.total.backward(); opt.step()
     fills.append(int((model.image_queue.ids >= 0).sum()))
-    print(f"step {step}: |θk-θq| before EMA {gap_before:.2e}, filled queue slots {fills[-1]}")
+    ratio = f"after/before {gap_after / gap_before:.4f} (m = {cfg.momentum.momentum})" if gap_before else ""
+    print(f"step {step}: |θk-θq| before EMA {gap_before:.2e} {ratio}, filled queue slots {fills[-1]}")
 
 # %% [markdown]
 # The queues as the last step's loss saw them: image queries against the **text** queue (top),
