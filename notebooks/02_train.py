@@ -103,7 +103,8 @@ for step in range(6):
     gap_after = (k_param - q).abs().mean().item()   # the forward pass took the EMA step
     opt.zero_grad(); loss.total.backward(); opt.step()
     fills.append(int((model.image_queue.ids >= 0).sum()))
-    ratio = f"after/before {gap_after / gap_before:.4f} (m = {cfg.momentum.momentum})" if gap_before else ""
+    ratio = (f"after/before {gap_after / gap_before:.4f} (m = {cfg.momentum.momentum})"
+             if gap_before > 1e-5 else "")   # below that, float32 rounding hides the step
     print(f"step {step}: |θk-θq| before EMA {gap_before:.2e} {ratio}, filled queue slots {fills[-1]}")
 
 # %% [markdown]
