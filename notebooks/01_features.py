@@ -96,14 +96,7 @@ a.set(xlabel="L2 norm of region feature", ylabel="regions", title="feature norms
 a.legend(loc="best")
 viz.plot_colour_scatter(viz.embedding_map_2d(points, method="pca"), colours, ax=b,
                         title="object regions, 2 leading principal axes")
-palette = viz.colour_word_palette(probe.classes)
-c.bar(probe.classes, 100 * np.array(probe.per_class), color=list(palette.values()),
-      edgecolor="0.25", linewidth=0.4)
-c.axhline(100 * probe.chance, color="black", ls="--", lw=1, label=f"chance {100 * probe.chance:.0f}%")
-c.set(ylim=(0, 100), ylabel="held-out recall (%)",
-      title=f"linear probe: {100 * probe.accuracy:.0f}% overall")
-c.tick_params(axis="x", rotation=45)
-c.legend(loc="upper right", fontsize=8)
+viz.plot_probe(probe, ax=c, what="colour probe")
 fig.tight_layout()
 viz.save(fig, "01_feature_statistics", figures_dir())
 

@@ -593,3 +593,13 @@ def test_embedding_map_centred_removes_the_modality_gap():
     raw = viz.plot_embedding_map(img, cap, linked=[0])
     seg = [c for c in raw.axes[0].collections if c.get_gid() == "links"][0].get_segments()
     assert min(np.linalg.norm(np.subtract(*s)) for s in seg) > 4.0   # raw: the gap dominates
+
+
+def test_probe_bars_are_the_per_class_recalls():
+    from userlab.probe import ProbeResult
+    result = ProbeResult(accuracy=0.6, std=0.0, chance=0.25, n=40, folds=4, classes=("blue", "red"),
+                         per_class=(0.5, 0.7))
+    ax = viz.plot_probe(result).axes[0]
+    assert [p.get_height() for p in ax.patches] == pytest.approx([50.0, 70.0])
+    assert [mcolors.to_hex(p.get_facecolor()) for p in ax.patches] == ["#0000ff", "#ff0000"]
+    assert [l.get_ydata()[0] for l in ax.lines] == [25.0] and "60% overall" in ax.get_title()

@@ -53,6 +53,7 @@ __all__ = [
     "register_colours", "palette_for", "hue_order", "integer_ticks", "legend_outside",
     "colour_word_palette", "ObjectiveThreshold", "objective_threshold", "as_threshold",
     "snapshot_queue", "plot_queues", "modality_gap", "plot_colour_scatter", "plot_pair_similarity",
+    "plot_probe",
     "save", "read_logs", "plot_loss_terms", "plot_dev_rsum", "plot_recall_bars", "demo_figures",
     "attention_weights", "plot_region_attention", "plot_grid_attention", "plot_gpo_weights",
     "plot_attention_comparison",
@@ -1071,6 +1072,33 @@ def plot_colour_scatter(xy: Any, words: Sequence[str], ax: Optional[plt.Axes] = 
                    label=word, gid=f"colour:{word}")
     ax.set(xticks=[], yticks=[], title=title)
     legend_outside(ax, markerscale=1.5)
+    return fig
+
+
+def plot_probe(result: Any, ax: Optional[plt.Axes] = None, colours: Optional[Mapping[str, str]] = None,
+               what: str = "linear probe") -> plt.Figure:
+    """Held-out recall per class of a :class:`userlab.probe.ProbeResult`, chance dashed.
+
+    Args:
+        result: the probe result (``classes``, ``per_class``, ``accuracy``, ``chance``).
+        colours: ``{class: colour}``; colour words default to their own colour.
+        what: title prefix.
+    """
+    _style()
+    classes = [str(c) for c in result.classes]
+    if colours is None:
+        colours = (colour_word_palette(classes) if all(mcolors.is_color_like(c) for c in classes)
+                   else dict(zip(classes, sns.color_palette("tab10", len(classes)))))
+    if ax is None:
+        fig, ax = plt.subplots(figsize=(0.5 * len(classes) + 2.5, 3.6))
+    else:
+        fig = ax.figure
+    ax.bar(classes, 100 * np.asarray(result.per_class, dtype=np.float64), color=[colours[c] for c in classes],
+           edgecolor="0.25", linewidth=0.4)
+    ax.axhline(100 * result.chance, color="black", ls="--", lw=1, label=f"chance {100 * result.chance:.0f}%")
+    ax.set(ylim=(0, 100), ylabel="held-out recall (%)", title=f"{what}: {100 * result.accuracy:.0f}% overall")
+    ax.tick_params(axis="x", rotation=45)
+    ax.legend(loc="upper right", fontsize=8)
     return fig
 
 
