@@ -67,7 +67,18 @@ viz.save(fig, "02_similarity_matrix", figures_dir())
 
 # %% [markdown]
 # The forward pass of `RetrievalModel` runs all five USER steps and returns every loss term.
-# Positives sit on the diagonal; note that two captions of the same image can share a batch.
+# Positives sit on the diagonal. Two captions of the same image can share a batch: their pair is
+# then an off-diagonal "negative" that is really a positive. How many such pairs this batch holds
+# (built from consecutive captions, so whole images), and how many a shuffled batch of the same
+# size holds on average (the Trainer shuffles):
+
+# %%
+ids = batch["image_id"]
+same = (ids[:, None] == ids[None, :]) & ~torch.eye(len(ids), dtype=torch.bool, device=ids.device)
+n_pairs, per_image, n_caps = len(ids) * (len(ids) - 1) // 2, 5, len(data.train)
+print(f"{int(same.sum()) // 2} same-image caption pairs among {n_pairs} off-diagonal pairs of this batch "
+      f"({len(set(ids.tolist()))} images for {len(ids)} captions); a shuffled batch: "
+      f"{n_pairs * (per_image - 1) / (n_caps - 1):.2f} on average")
 
 # %%
 ptr_before = int(model.image_queue.ptr)
@@ -80,7 +91,9 @@ print("mini-batch term recomputed from S:", round(float(hal.total), 4))
 # %% [markdown]
 # ## 2. The momentum update and the queues filling up
 # A step of the optimiser moves the query encoder; the next forward pass moves the key encoder a
-# fraction $1-m$ of the way towards it.
+# fraction $1-m$ of the way towards it. Before each forward pass we keep a copy of both queues:
+# the forward pass enqueues the batch's own keys, and a queue looked at afterwards would hold
+# every query's own image.
 
 # %%
 opt = torch.optim.AdamW(model.query_parameters(), lr=cfg.optim.lr)
@@ -91,14 +104,34 @@ for step in range(6):
     b = collate_batch([data.train[i] for i in range(step * cfg.data.batch_size, (step + 1) * cfg.data.batch_size)])
     b = {k: v.to(device) for k, v in b.items()}
     gap_before = (k_param - q).abs().mean().item()
-    loss, _ = model(b)
+    queues_before = {"image": viz.snapshot_queue(model.image_queue), "text": viz.snapshot_queue(model.text_queue)}
+    loss, outputs = model(b)
+    gap_after = (k_param - q).abs().mean().item()   # the forward pass took the EMA step
     opt.zero_grad(); loss.total.backward(); opt.step()
     fills.append(int((model.image_queue.ids >= 0).sum()))
-    print(f"step {step}: |θk-θq| before EMA {gap_before:.2e}, filled queue slots {fills[-1]}")
+    ratio = (f"after/before {gap_after / gap_before:.4f} (m = {cfg.momentum.momentum})"
+             if gap_before > 1e-5 else "")   # below that, float32 rounding hides the step
+    print(f"step {step}: |θk-θq| before EMA {gap_before:.2e} {ratio}, filled queue slots {fills[-1]}")
 
-fig = viz.plot_queue_state(model.image_queue, query_emb=outputs["img"].detach(),
-                           query_ids=b["image_id"])
+# %% [markdown]
+# The queues as the last step's loss saw them: image queries against the **text** queue (top),
+# caption queries against the **image** queue (bottom), queue negatives beside the batch
+# negatives of the same queries, and the keys of each query's own image already in the queue
+# (false negatives unless `momentum.mask_same_image` is on).
+
+# %%
+fig = viz.plot_queues(queues_before["image"], queues_before["text"], outputs["img"].detach(),
+                      outputs["txt"].detach(), b["image_id"], batch_sims=outputs["sim"].detach())
 viz.save(fig, "02_queue_state", figures_dir())
+S_last = outputs["sim"].detach().cpu()
+off = ~torch.eye(len(S_last), dtype=torch.bool)
+written = queues_before["text"].written_at >= 0       # the rest are USER's random initial keys
+q_neg = (outputs["img"].detach().cpu() @ queues_before["text"].keys[:, written]).flatten()
+same_keys = viz.same_image_counts(queues_before["text"].ids, b["image_id"])
+print(f"mean similarity: batch negatives {S_last[off].mean():.3f}, text-queue negatives {q_neg.mean():.3f} "
+      f"({int(written.sum())} written keys, {int((~written).sum())} random), positives {S_last.diag().mean():.3f}")
+print(f"queries with a same-image key in the text queue before the enqueue: {(same_keys > 0).mean():.0%}")
+assert torch.isfinite(q_neg).all() and 0.0 <= (same_keys > 0).mean() <= 1.0
 
 # %% [markdown]
 # ## 3. The Trainer with live curves

@@ -16,7 +16,8 @@
 # | global vector | $g = \mathrm{l2norm}(\sum_k \alpha_k R_k)$ (CGE: $g$ = projected guide embedding) | `SelfGuidedEnhancement`, `ClipGuidedEnhancement` |
 # | region attention | $\beta = \mathrm{l2norm}_k\big(\mathrm{softmax}_k(\lambda\langle g, R_k\rangle)\big)$ | `models.image.region_attention` |
 # | enhancement | $\hat R_k = R_k + \beta_k\, g$ | `models.image.region_attention` |
-# | margin of a query | $m = S_{\text{pos}} - \max_{\text{neg}} S_{\text{neg}}$ (hinge active when $m < 0.2$) | `viz.margin_records` |
+# | margin of a query | $m = S_{\text{pos}} - \max_{\text{neg}} S_{\text{neg}}$ ($m < 0$: a miss at rank 1) | `viz.margin_records` |
+# | UTO's threshold | a negative is pushed down while $S_{\text{neg}} > \gamma = 0.5$ (USER has no margin) | `viz.objective_threshold` |
 
 # %% tags=["parameters"]
 # Parameters (papermill can set them). None falls back to $USERLAB_DATA / $USERLAB_RUNS /
@@ -84,8 +85,8 @@ viz.save(fig, "04_sge_beta", figures_dir())
 # %%
 maps = {(name if name == "none" else f"{name} β"): viz.attention_weights(outputs[name], 0)["beta"]
         for name in variants}
-if lesson.features.layout == "boxes":
-    fig = viz.plot_attention_comparison(lesson.image(test, 0), test.boxes[0], maps)
+if lesson.features.layout == "boxes":      # one opacity scale for both maps
+    fig = viz.plot_attention_comparison(lesson.image(test, 0), test.boxes[0], maps, shared_scale=True)
 else:
     fig, axes = plt.subplots(1, len(maps), figsize=(4.2 * len(maps), 3.8), squeeze=False)
     for ax, (name, w) in zip(axes[0], maps.items()):
@@ -103,40 +104,99 @@ fig = viz.plot_gpo_weights({name: viz.attention_weights(out, 0)["gpo"] for name,
 viz.save(fig, "04_gpo_weights", figures_dir())
 
 # %% [markdown]
-# ## 4. Margins over training
-# Each dot is one dev query; a margin below 0 is a retrieval miss at rank 1, below 0.2 an active
-# VSE++ hinge.
+# ## 4. Margins over training, judged by USER's own objective
+# The three models are trained with the unified objective (UTO). UTO has no margin: a negative is
+# pushed down while its similarity exceeds the absolute threshold γ. So each dev query is judged
+# by its **hardest negative**: above γ (dashed line), the objective still works on that query.
+# The margin (positive minus hardest negative; below 0 a miss at rank 1) is printed alongside.
+# Compare the two columns: a query whose hardest negative wins (an R@1 miss) but stays below γ
+# gets no push from UTO's negative terms at all.
 
 # %%
 import pandas as pd
 records = pd.concat([r.records for r in recorders.values()], ignore_index=True)
-fig = viz.plot_margin_distributions(records, hue="model")
+threshold = viz.objective_threshold(*(t.cfg for t in trainers.values()))
+print("threshold:", threshold.label, "| violation:", threshold.rule)
+fig = viz.plot_margin_distributions(records, threshold, hue="model")
 viz.save(fig, "04_margin_distributions", figures_dir())
-viz.violation_table(records)
+table = viz.violation_table(records, threshold, hue="model").rename(
+    columns={"violation_rate": threshold.rule})
+table["R@1 misses (margin < 0)"] = viz.violation_table(records, 0.0, hue="model")["violation_rate"]
+assert table.iloc[:, 2:].apply(lambda c: c.between(0, 1).all()).all()
+final = table[table.epoch == table.epoch.max()].set_index("model")
+for name, row in final.iterrows():
+    print(f"{name}, epoch {int(row.epoch)}: the negative term is active for {100 * row[threshold.rule]:.0f}% of "
+          f"the dev queries, {100 * row['R@1 misses (margin < 0)']:.0f}% are R@1 misses")
+table
 
 # %% [markdown]
 # ## 5. Inside the queues
-# Key age, queue negatives vs batch negatives, and how many keys of the query's own image sit in
-# the queue (the false negatives that `momentum.mask_same_image` removes).
+# After training, the SGE model's queues against 32 training captions and their images: key
+# ages, queue negatives beside the batch negatives of the same queries (image queries against
+# the text queue, caption queries against the image queue), and the keys of each query's own
+# image in the queue (the false negatives that `momentum.mask_same_image` removes).
 
 # %%
 sge_trainer = trainers["SGE"].trainer()     # the run's last checkpoint, queues included
 model = sge_trainer.model
-cap_batch = collate_batch([sge_trainer.data.train[i] for i in range(32)])
+cap_batch = move_batch(collate_batch([sge_trainer.data.train[i] for i in range(32)]), sge_trainer.device)
 with torch.no_grad():
     model.eval()
-    q = model.encode_image(move_batch(cap_batch, sge_trainer.device)).embedding
-fig = viz.plot_queue_state(model.text_queue, query_emb=q, query_ids=cap_batch["image_id"])
+    v, t = model.encode_image(cap_batch).embedding, model.encode_text(cap_batch).embedding
+fig = viz.plot_queues(model.image_queue, model.text_queue, v, t, cap_batch["image_id"], batch_sims=v @ t.T)
 viz.save(fig, "04_queue_state", figures_dir())
+queue_neg = (v @ model.text_queue.keys).flatten()
+batch_neg = (v @ t.T)[~torch.eye(len(v), dtype=torch.bool, device=v.device)]
+print(f"mean similarity of image queries: text-queue negatives {queue_neg.mean():.3f}, "
+      f"batch negatives {batch_neg.mean():.3f}")
+assert torch.isfinite(queue_neg).all() and torch.isfinite(batch_neg).all()
 
 # %% [markdown]
 # ## 6. The joint embedding space
-# Images (large dots) and their captions (small dots), projected to 2-D; lines join an image to
-# its 5 captions.
+# Left: images (dots) and captions (crosses) projected together; lines join five images to their
+# five captions. The leading axis is mostly the *modality gap*: images on one side, captions on
+# the other (the cell prints the share of variance along the gap). Middle: each modality centred
+# on its own mean and scaled to the same spread, which removes the gap; scenes are coloured by
+# the shape of their largest object. Right: what retrieval rests on, gap or not: the cosine of
+# matching image-caption pairs against all other pairs. Linear probes on the image and the
+# caption embeddings (5-fold held-out accuracy) say which scene properties each side carries: a
+# caption only carries what its sentence says (few captions name the background), an image
+# carries what it shows.
 
 # %%
-fig = viz.plot_embedding_map(img, cap, method="pca")
+from userlab.probe import linear_probe
+
+fig, (left, middle, right) = plt.subplots(1, 3, figsize=(21, 6), gridspec_kw={"width_ratios": [1, 1.3, 0.9]})
+viz.plot_embedding_map(img, cap, method="pca", ax=left)
+if lesson.demo:      # colour the scenes by the shape of their largest object
+    from userlab.data.scenes import load_scenes
+    scenes_test = load_scenes(test.folder, "test")[:len(img)]
+    largest = [max(sc["objects"], key=lambda o: o["radius"])["shape"] for sc in scenes_test]
+    viz.plot_embedding_map(img, cap, labels=largest, method="pca", centre=True, ax=middle,
+                           label_name="shape of the largest object")
+else:
+    viz.plot_embedding_map(img, cap, method="pca", centre=True, ax=middle)
+viz.plot_pair_similarity(img, cap, ax=right)
+fig.tight_layout()
 viz.save(fig, "04_embedding_map", figures_dir())
+gap = viz.modality_gap(img, cap)
+print({k: round(v, 3) for k, v in gap.items()})
+assert np.isfinite(list(gap.values())).all() and 0.0 <= gap["gap_variance_share"] <= 1.0
+names_bg = np.mean([any(w in c.lower() for w in ("background", "backdrop")) for c in test.captions])
+print(f"captions that name the background: {100 * names_bg:.0f}%")
+folds = 5 if not SMOKE else 2
+scene_labels = {} if not lesson.demo else {   # own data has no scene labels to probe for
+    "objects in the scene": [sc["n_objects"] for sc in scenes_test],
+    "shape of the largest object": largest,
+    "background": [sc["background"] for sc in scenes_test]}
+for name, labels in scene_labels.items():
+    counts = pd.Series(labels).value_counts()
+    keep = np.isin(labels, counts[counts >= folds].index)
+    if keep.sum() > folds and (counts >= folds).sum() > 1:
+        probes = {side: linear_probe(emb.cpu().numpy()[keep], np.asarray(labels)[keep], folds=folds)
+                  for side, emb in (("image", img), ("caption", cap[::5]))}   # first caption per image
+        print(f"{name:28s} probe accuracy: image {100 * probes['image'].accuracy:.1f}%, caption "
+              f"{100 * probes['caption'].accuracy:.1f}%, chance {100 * probes['image'].chance:.1f}%")
 
 # %% [markdown]
 # ## 7. Interactive browsers

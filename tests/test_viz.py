@@ -17,7 +17,7 @@ from PIL import Image
 
 from userlab import viz
 from userlab.boosting import margins as boosting_margins
-from userlab.errors import DataError
+from userlab.errors import ConfigError, DataError
 
 HIT = mcolors.to_rgba(viz.HIT_COLOUR)
 MISS = mcolors.to_rgba(viz.MISS_COLOUR)
@@ -408,3 +408,198 @@ def test_worst_failures_picks_worst_ranks():
     assert titles[1].endswith("rank 1")  # every other image ranks first; lowest index wins ties
     loop = [_rank_loop(S[i], range(5 * i, 5 * i + 5)) for i in range(5)]
     assert loop[3] == 20 and max(loop[:3] + loop[4:]) == 0
+
+
+# -- conventions: one colour per model, integer ticks, objective thresholds (docs/figures.md) -----
+def _line_colours(ax) -> dict[str, tuple]:
+    return {l.get_label(): mcolors.to_rgba(l.get_color()) for l in ax.lines if not l.get_label().startswith("_")}
+
+
+def _margin_records(names, epochs=(1, 2, 3), seed=0) -> pd.DataFrame:
+    rng = np.random.default_rng(seed)
+    return pd.concat([viz.margin_records(rng.uniform(-1, 1, (6, 30)) + 0.3 * e * np.repeat(np.eye(6), 5, 1),
+                                         float(e), name) for e in epochs for name in names],
+                     ignore_index=True)
+
+
+def test_palette_for_is_fixed_and_strict():
+    assert viz.palette_for(["target", "anchor"]) == {"target": viz.MODEL_COLOURS["target"],
+                                                     "anchor": viz.MODEL_COLOURS["anchor"]}
+    assert list(viz.palette_for(["VSE++", "USER", "VSE++"])) == ["VSE++", "USER"]
+    with pytest.raises(ConfigError, match="my run"):
+        viz.palette_for(["USER", "my run"])
+    loose = viz.palette_for(["my run", "other run", "USER"], strict=False)
+    again = viz.palette_for(["USER", "my run"], strict=False)
+    assert loose["my run"] == again["my run"]                      # stable from figure to figure
+    assert loose["my run"] != loose["other run"]                   # distinct within one figure
+    assert not {loose["my run"], loose["other run"]} & set(viz.MODEL_COLOURS.values())
+    assert viz.hue_order(["target", "x", "anchor"]) == ["anchor", "target", "x"]
+
+
+def test_register_colours_checks_the_colour():
+    viz.register_colours({"test model": "#123456"})
+    try:
+        assert viz.palette_for(["test model"]) == {"test model": "#123456"}
+        with pytest.raises(ConfigError, match="not a matplotlib colour"):
+            viz.register_colours({"bad": "no-such-colour"})
+    finally:
+        viz.MODEL_COLOURS.pop("test model")
+
+
+def test_same_model_same_colour_across_figures():
+    # the old bug: violins coloured by appearance order, rate lines by sorted order
+    first = viz.plot_margin_distributions(_margin_records(["target", "anchor"]), 0.2)
+    second = viz.plot_margin_distributions(_margin_records(["anchor", "target"], seed=1), 0.2)
+    rsum = viz.plot_dev_rsum({"target": pd.DataFrame({"epoch": [1, 2], "rsum": [10.0, 20.0]}),
+                              "anchor": pd.DataFrame({"epoch": [1, 2], "rsum": [5.0, 9.0]})})
+    expected = {n: mcolors.to_rgba(viz.MODEL_COLOURS[n]) for n in ("anchor", "target")}
+    for fig in (first, second):
+        assert _line_colours(fig.axes[1]) == expected
+        # the violins of each model (PolyCollections, hue order anchor, target per epoch) too
+        bodies = [c for c in fig.axes[0].collections if c.get_paths()]
+        faces = [tuple(np.round(c.get_facecolor()[0][:3], 3)) for c in bodies]
+        assert faces[:2] == [tuple(np.round(expected[n][:3], 3)) for n in ("anchor", "target")]
+    assert _line_colours(rsum.axes[0]) == expected
+
+
+def test_recall_bars_colour_models_by_the_palette():
+    table = pd.DataFrame([_recall_row("VSE++", "", 10.0), _recall_row("USER", "", 20.0)])
+    fig = viz.plot_recall_bars(table)
+    colours = {mcolors.to_hex(p.get_facecolor()) for p in fig.axes[0].patches if p.get_height() > 0}
+    assert colours == {viz.MODEL_COLOURS["USER"], viz.MODEL_COLOURS["VSE++"]}
+
+
+def _tick_values(axis) -> list[float]:
+    lo, hi = axis.get_view_interval()
+    return [t for t in axis.get_major_locator()() if lo - 1e-9 <= t <= hi + 1e-9]
+
+
+def test_epoch_and_rank_ticks_are_integers():
+    records = _margin_records(["anchor", "target"])          # epochs stored as floats 1.0, 2.0, 3.0
+    fig = viz.plot_margin_distributions(records, 0.2)
+    ticks = _tick_values(fig.axes[1].xaxis)
+    assert ticks and all(float(t).is_integer() for t in ticks)
+    assert [t.get_text() for t in fig.axes[0].get_xticklabels()] == ["1", "2", "3"]
+    gpo = viz.plot_gpo_weights({"SGE": np.full(12, 1 / 12), "CGE": np.full(12, 1 / 12)})
+    for ax in gpo.axes:
+        assert all(float(t).is_integer() for t in _tick_values(ax.xaxis))
+    assert gpo.axes[0].get_ylim() == gpo.axes[1].get_ylim()      # compared panels share a scale
+    fig, ax = plt.subplots()
+    ax.plot([1, 2], [0, 1])
+    viz.integer_ticks(ax, "x")
+    assert _tick_values(ax.xaxis) == [1.0, 2.0]
+    with pytest.raises(ConfigError):
+        viz.integer_ticks(ax, "z")
+    one_epoch = viz.plot_margin_distributions(_margin_records(["anchor"], epochs=(2,)), 0.2)
+    assert _tick_values(one_epoch.axes[1].xaxis) == [2.0]   # not 1.900, 1.925, ...
+
+
+def test_objective_threshold_follows_the_training_objective():
+    from userlab.config import preset
+    user, vsepp = preset("demo"), preset("vsepp")
+    uto = viz.objective_threshold(user)
+    assert (uto.column, uto.value) == ("hardest_negative", user.loss.gamma) and "UTO" in uto.label
+    tri = viz.objective_threshold(vsepp, vsepp)
+    assert (tri.column, tri.value) == ("margin", vsepp.loss.margin) and "triplet" in tri.label
+    with pytest.raises(ConfigError, match="separate figures"):
+        viz.objective_threshold(user, vsepp)
+    np.testing.assert_array_equal(uto.violated([0.4, 0.5, 0.6]), [False, False, True])
+    np.testing.assert_array_equal(tri.violated([0.1, 0.2, 0.3]), [True, False, False])
+
+
+def test_margin_view_draws_the_objective_threshold():
+    from userlab.config import preset
+    records = _margin_records(["SGE", "CGE"])
+    uto = viz.objective_threshold(preset("demo"))
+    fig = viz.plot_margin_distributions(records, uto, hue="model")
+    ax_d, ax_v = fig.axes[:2]
+    lines = [l for l in ax_d.lines if l.get_gid() == "threshold"]
+    assert len(lines) == 1 and lines[0].get_ydata()[0] == pytest.approx(uto.value)
+    assert "UTO γ = 0.5" in ax_d.get_title() and "hardest negative > 0.5" in ax_v.get_title()
+    assert ax_d.get_ylabel() == "hardest negative similarity"
+    for name, line in {l.get_label(): l for l in ax_v.lines}.items():
+        expected = [100.0 * (records[(records.model == name) & (records.epoch == e)]["hardest_negative"]
+                             > uto.value).mean() for e in (1, 2, 3)]
+        np.testing.assert_allclose(line.get_ydata(), expected)
+    legend = ax_v.get_legend()
+    fig.canvas.draw()                                     # the legend sits beside the data, not on it
+    assert legend is not None and legend.get_window_extent().x0 >= ax_v.get_window_extent().x1
+    far = viz.plot_margin_distributions(records.assign(hardest_negative=records["hardest_negative"] * 0.01),
+                                        uto, hue="model")
+    notes = [t for t in far.axes[0].texts if t.get_gid() == "threshold"]
+    assert len(notes) == 1 and "off the scale, at 0.5" in notes[0].get_text()
+    assert far.axes[0].get_ylim()[1] < 0.1                   # the violins keep their scale
+    epoch_fig = viz.plot_margin_epoch(records, 2.0, uto)
+    assert [l.get_xdata()[0] for l in epoch_fig.axes[0].lines if l.get_gid() == "threshold"] == [0.5]
+    assert epoch_fig.axes[0].get_title().startswith("epoch 2.0: hardest negative > 0.5 for")
+
+
+def test_colour_scatter_draws_each_word_in_its_colour():
+    fig = viz.plot_colour_scatter(np.arange(8.0).reshape(4, 2), ["blue", "red", "blue", "yellow"])
+    drawn = {c.get_gid(): mcolors.to_hex(c.get_facecolor()[0]) for c in fig.axes[0].collections}
+    assert drawn == {"colour:blue": "#0000ff", "colour:red": "#ff0000", "colour:yellow": "#ffff00"}
+    with pytest.raises(ConfigError, match="sky-ish"):
+        viz.colour_word_palette(["sky-ish"])
+
+
+def test_queue_views_snapshot_before_the_enqueue(tmp_path):
+    model = _tiny_model(tmp_path)  # queue of 20 slots, batches of 8
+    with torch.no_grad():
+        model(_batch([0, 1, 2, 3, 4, 5, 6, 7], 0))
+        ids = [10, 11, 12, 13, 14, 15, 16, 3]          # only image 3 was seen before
+        before = {"image": viz.snapshot_queue(model.image_queue), "text": viz.snapshot_queue(model.text_queue)}
+        _, out = model(_batch(ids, 1))
+    # after the forward pass every query finds its own keys: the artefact the snapshot avoids
+    assert (viz.same_image_counts(model.text_queue.ids, torch.tensor(ids)) > 0).all()
+    fig = viz.plot_queues(before["image"], before["text"], out["img"], out["txt"], torch.tensor(ids),
+                          batch_sims=out["sim"])
+    axes = np.array(fig.axes).reshape(2, 3)
+    for r in range(2):
+        assert [p.get_height() for p in axes[r, 2].patches] == [0] * 7 + [1]
+    # top row: image queries against the TEXT queue; bottom: captions against the IMAGE queue
+    assert "text queue" in axes[0, 1].get_title() and "image queue" in axes[1, 1].get_title()
+    img, txt = out["img"].numpy().astype(np.float64), out["txt"].numpy().astype(np.float64)
+    written = before["text"].written_at.numpy() >= 0            # 8 real keys, 12 random initial ones
+    assert written.sum() == 8
+
+    def legend(ax, start):
+        return next(t.get_text() for t in ax.get_legend().get_texts() if t.get_text().startswith(start))
+    text_keys = before["text"].keys.numpy().astype(np.float64)
+    label = legend(axes[0, 1], "queue")
+    assert f"mean {(img @ text_keys[:, written]).mean():.2f}" in label and "n=64" in label
+    assert f"mean {(img @ text_keys[:, ~written]).mean():.2f}" in legend(axes[0, 1], "random initial")
+    image_keys = before["image"].keys.numpy().astype(np.float64)
+    assert f"mean {(txt @ image_keys[:, written]).mean():.2f}" in legend(axes[1, 1], "queue")
+    batch_label = next(t.get_text() for t in axes[0, 1].get_legend().get_texts() if t.get_text().startswith("batch"))
+    assert "n=56" in batch_label                        # 8 x 8 off-diagonal
+    assert axes[0, 1].get_xlim() == axes[1, 1].get_xlim()
+    with pytest.raises(DataError, match="same batch"):
+        viz.plot_queues(before["image"], before["text"], out["img"], out["txt"][:4], torch.tensor(ids))
+
+
+def test_embedding_map_centred_removes_the_modality_gap():
+    rng = np.random.default_rng(6)
+    img = rng.standard_normal((20, 5)) * 0.1
+    cap = np.repeat(img, 5, axis=0) + rng.standard_normal((100, 5)) * 0.01
+    img[:, 0] += 5.0                                      # a big gap along axis 0
+    gap = viz.modality_gap(img, cap)
+    assert gap["gap"] == pytest.approx(np.linalg.norm(img.mean(0) - cap.mean(0)))
+    assert gap["gap_variance_share"] > 0.9
+    fig = viz.plot_embedding_map(img, cap, centre=True, linked=[0])
+    seg = [c for c in fig.axes[0].collections if c.get_gid() == "links"][0].get_segments()
+    lengths = [np.linalg.norm(np.subtract(*s)) for s in seg]
+    span = np.ptp(fig.axes[0].collections[1].get_offsets(), axis=0).max()
+    assert max(lengths) < 0.2 * span                      # centred: captions sit by their image
+    raw = viz.plot_embedding_map(img, cap, linked=[0])
+    seg = [c for c in raw.axes[0].collections if c.get_gid() == "links"][0].get_segments()
+    assert min(np.linalg.norm(np.subtract(*s)) for s in seg) > 4.0   # raw: the gap dominates
+
+
+def test_probe_bars_are_the_per_class_recalls():
+    from userlab.probe import ProbeResult
+    result = ProbeResult(accuracy=0.6, std=0.0, chance=0.25, n=40, folds=4, classes=("blue", "red"),
+                         per_class=(0.5, 0.7))
+    ax = viz.plot_probe(result).axes[0]
+    assert [p.get_height() for p in ax.patches] == pytest.approx([50.0, 70.0])
+    assert [mcolors.to_hex(p.get_facecolor()) for p in ax.patches] == ["#0000ff", "#ff0000"]
+    assert [l.get_ydata()[0] for l in ax.lines] == [25.0] and "60% overall" in ax.get_title()

@@ -650,14 +650,16 @@ def plot_ablation(df: pd.DataFrame, metrics: Sequence[str] = SUMMARY_METRICS):
     strategies += [s for s in dict.fromkeys(df["strategy"]) if s not in strategies]
     backbones = [b for b in BACKBONES if b in set(df["backbone"])]
     backbones += [b for b in dict.fromkeys(df["backbone"]) if b not in backbones]
+    from .viz import palette_for
+    palette = palette_for(backbones, strict=False)   # one colour per model in every figure
     fig, axes = plt.subplots(1, len(metrics), figsize=(4.6 * len(metrics), 3.9), squeeze=False)
     several = len(backbones) > 1   # seaborn divides the dodge by (backbones - 1)
     for ax, metric in zip(axes[0], metrics):
         sns.stripplot(data=df, x="strategy", y=metric, hue="backbone", order=strategies, hue_order=backbones,
-                      dodge=several, size=3.5, alpha=0.55, jitter=0.08, legend=False, ax=ax)
+                      palette=palette, dodge=several, size=3.5, alpha=0.55, jitter=0.08, legend=False, ax=ax)
         sns.pointplot(data=df, x="strategy", y=metric, hue="backbone", order=strategies, hue_order=backbones,
-                      errorbar="sd", dodge=0.4 if several else False, linestyle="none", markers="D",
-                      capsize=0.08, ax=ax)
+                      palette=palette, errorbar="sd", dodge=0.4 if several else False, linestyle="none",
+                      markers="D", capsize=0.08, ax=ax)
         ax.set(xlabel="", ylabel=_LABELS.get(metric, metric), title=f"test {_LABELS.get(metric, metric)}")
         ax.tick_params(axis="x", rotation=25)
         legend = ax.get_legend()

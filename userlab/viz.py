@@ -15,6 +15,12 @@ Groups:
 - retrieval: :func:`plot_retrieval_gallery`, :func:`plot_query_results`,
   :func:`plot_worst_failures`.
 
+Figure conventions (docs/figures.md): one colour per model / branch everywhere
+(:data:`MODEL_COLOURS`, :func:`palette_for`, :func:`hue_order`), whole-number ticks for epochs
+and ranks (:func:`integer_ticks`), legends beside the data (:func:`legend_outside`), shared
+scales where panels are compared, and margin views judged by the threshold of the objective the
+model was trained with (:func:`objective_threshold`).
+
 Conventions: similarity matrices are ``(N_img, N_cap)`` with rows = images and captions
 ``k*i .. k*i+k-1`` belonging to image ``i`` (docs/interfaces.md); tensors may live on any device
 and are copied to the CPU here. Everything works headless: without a display matplotlib picks the
@@ -27,6 +33,7 @@ from __future__ import annotations
 import functools
 import os
 import textwrap
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
 
@@ -42,7 +49,11 @@ from .errors import ConfigError, DataError
 from .io import atomic_path
 
 __all__ = [
-    "FIGURES", "HIT_COLOUR", "MISS_COLOUR",
+    "FIGURES", "HIT_COLOUR", "MISS_COLOUR", "MODEL_COLOURS",
+    "register_colours", "palette_for", "hue_order", "integer_ticks", "legend_outside",
+    "colour_word_palette", "ObjectiveThreshold", "objective_threshold", "as_threshold",
+    "snapshot_queue", "plot_queues", "modality_gap", "plot_colour_scatter", "plot_pair_similarity",
+    "plot_probe",
     "save", "read_logs", "plot_loss_terms", "plot_dev_rsum", "plot_recall_bars", "demo_figures",
     "attention_weights", "plot_region_attention", "plot_grid_attention", "plot_gpo_weights",
     "plot_attention_comparison",
@@ -62,6 +73,119 @@ _THUMB_SIZE = 128
 
 def _style() -> None:
     sns.set_theme(context="notebook", style="whitegrid", palette="colorblind")
+
+
+# ---------------------------------------------------------------------------------------------
+# conventions (docs/figures.md): one colour per model / branch, integer ticks, legends off the data
+# ---------------------------------------------------------------------------------------------
+#: The colour of every model, branch and series the notebooks draw. One name, one colour, in
+#: every figure: a reader who learned "USER is blue" in one figure can trust it in the next.
+#: Names that stand for the same model share a colour ("USER" / "full USER", "SGE" / "+SGE").
+MODEL_COLOURS: dict[str, str] = {
+    "USER": "#0173b2", "full USER": "#0173b2",          # blue
+    "VSE++": "#de8f05",                                  # orange
+    "SGE": "#029e73", "+SGE": "#029e73",                 # green (USER variant / ablation backbone)
+    "CGE": "#cc78bc", "+CGE": "#cc78bc",                 # pink
+    "none": "#949494",                                   # grey: USER without enhancement
+    "+queue/UTO": "#56b4e9",                             # light blue
+    "anchor": "#ca9161",                                 # brown: DBL's anchor branch
+    "target": "#d55e00",                                 # vermillion: DBL's target branch
+    "DBL offline": "#882255", "offline": "#882255",      # wine
+    "DBL online": "#332288", "online": "#332288",        # indigo
+    "DBL momentum": "#44aa99", "momentum": "#44aa99",    # teal
+    "image queries": "#0173b2", "caption queries": "#de8f05",
+    "queue negatives": "#cc78bc", "batch negatives": "#029e73", "random initial keys": "#949494",
+}
+#: Colours for names not in :data:`MODEL_COLOURS` (``strict=False``): picked by a hash of the
+#: name, so a name keeps its colour from figure to figure; none of them is a registered colour.
+_EXTRA_COLOURS = ("#4d4d4d", "#7f3b08", "#542788", "#1b7837", "#b2182b", "#2166ac", "#8c6d31",
+                  "#c51b7d", "#01665e", "#e08214")
+
+
+def register_colours(colours: Mapping[str, str]) -> None:
+    """Give new model names their colour (e.g. your own runs), checked by matplotlib."""
+    for name, colour in colours.items():
+        if not mcolors.is_color_like(colour):
+            raise ConfigError("colours", f"{colour!r} (for {name!r}) is not a matplotlib colour")
+        MODEL_COLOURS[str(name)] = mcolors.to_hex(colour)
+
+
+def palette_for(names: Sequence[Any], strict: bool = True) -> dict[str, str]:
+    """``{name: hex colour}`` for the given model / branch names, from :data:`MODEL_COLOURS`.
+
+    Args:
+        names: names in legend order (duplicates are dropped).
+        strict: raise on a name without a registered colour (the convention's check). With
+            ``strict=False`` such a name gets a colour chosen by a hash of the name (stable across
+            figures, distinct within one call, never one of the registered colours).
+
+    Raises:
+        ConfigError: ``strict`` and some names are not registered (see :func:`register_colours`).
+    """
+    import zlib
+    names = [str(n) for n in dict.fromkeys(names)]
+    unknown = [n for n in names if n not in MODEL_COLOURS]
+    if unknown and strict:
+        raise ConfigError("palette", f"no colour registered for {', '.join(map(repr, unknown))} "
+                                     f"(known: {', '.join(MODEL_COLOURS)}; add yours with "
+                                     "viz.register_colours)")
+    out = {n: MODEL_COLOURS[n] for n in names if n in MODEL_COLOURS}
+    taken: set[str] = set()
+    for name in sorted(unknown):
+        start = zlib.crc32(name.encode()) % len(_EXTRA_COLOURS)
+        for step in range(len(_EXTRA_COLOURS)):
+            colour = _EXTRA_COLOURS[(start + step) % len(_EXTRA_COLOURS)]
+            if colour not in taken or step == len(_EXTRA_COLOURS) - 1:
+                break
+        taken.add(colour)
+        out[name] = colour
+    return {n: out[n] for n in names}
+
+
+def hue_order(names: Sequence[Any]) -> list[str]:
+    """Registered names in :data:`MODEL_COLOURS` order first, then the others in given order:
+    the same models stand in the same legend order in every figure."""
+    names = [str(n) for n in dict.fromkeys(names)]
+    known = [n for n in MODEL_COLOURS if n in names]
+    return known + [n for n in names if n not in MODEL_COLOURS]
+
+
+def integer_ticks(ax: plt.Axes, axis: str = "x") -> None:
+    """Only whole-number ticks on ``axis`` (``"x"``, ``"y"`` or ``"both"``): epochs, ranks, counts."""
+    from matplotlib.ticker import MaxNLocator
+    if axis not in ("x", "y", "both"):
+        raise ConfigError("axis", f"{axis!r} is not one of x, y, both")
+    for which in (("x", "y") if axis == "both" else (axis,)):
+        getattr(ax, f"{which}axis").set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
+        lo, hi = sorted(getattr(ax, f"get_{which}lim")())
+        if hi - lo < 1.0:  # a single epoch: widen so one whole number stands in the view
+            mid = float(np.round((lo + hi) / 2))
+            getattr(ax, f"set_{which}lim")(mid - 0.5, mid + 0.5)
+
+
+def legend_outside(ax: plt.Axes, title: Optional[str] = None, where: str = "right", **kwargs) -> Any:
+    """A legend beside the axis (``where="right"``) or under it (``"below"``), where it covers
+    no data; None when nothing is labelled."""
+    handles, labels = ax.get_legend_handles_labels()
+    if not handles:
+        return None
+    if where not in ("right", "below"):
+        raise ConfigError("where", f"{where!r} is not one of right, below")
+    place = (dict(loc="upper left", bbox_to_anchor=(1.01, 1.0)) if where == "right"
+             else dict(loc="upper center", bbox_to_anchor=(0.5, -0.3)))
+    return ax.legend(handles, labels, title=title, borderaxespad=0.0, fontsize=8, title_fontsize=8,
+                     **place, **kwargs)
+
+
+def colour_word_palette(words: Sequence[str]) -> dict[str, str]:
+    """Each colour word drawn in its own colour (``"blue"`` in blue): for plots coloured by a
+    colour name, where any other palette contradicts the legend."""
+    out = {}
+    for word in dict.fromkeys(str(w) for w in words):
+        if not mcolors.is_color_like(word):
+            raise ConfigError("colours", f"{word!r} is not a colour matplotlib knows")
+        out[word] = mcolors.to_hex(word)
+    return out
 
 
 def save(fig: plt.Figure, name: str, folder: str | os.PathLike = FIGURES, dpi: int = 120) -> Path:
@@ -148,7 +272,7 @@ def read_logs(run_dir: str | os.PathLike) -> tuple[pd.DataFrame, pd.DataFrame]:
 def plot_loss_terms(train_logs: Mapping[str, pd.DataFrame], smooth: int = 5) -> plt.Figure:
     """Training curves: one panel per run, one line per loss term (``loss_*`` columns)."""
     _style()
-    fig, axes = plt.subplots(1, max(1, len(train_logs)), figsize=(5.5 * max(1, len(train_logs)), 3.6),
+    fig, axes = plt.subplots(1, max(1, len(train_logs)), figsize=(7 * max(1, len(train_logs)), 3.6),
                              squeeze=False)
     for ax, (name, log) in zip(axes[0], train_logs.items()):
         if not len(log):
@@ -158,7 +282,8 @@ def plot_loss_terms(train_logs: Mapping[str, pd.DataFrame], smooth: int = 5) -> 
         for term in terms:
             ax.plot(log["step"], log[term].rolling(smooth, min_periods=1).mean(), label=term.removeprefix("loss_"))
         ax.set(title=name, xlabel="step", ylabel="loss")
-        ax.legend(fontsize=8)
+        integer_ticks(ax, "x")
+        legend_outside(ax, title="term")
     fig.tight_layout()
     return fig
 
@@ -167,12 +292,14 @@ def plot_dev_rsum(eval_logs: Mapping[str, pd.DataFrame]) -> plt.Figure:
     """Dev rSum per epoch of several runs on one axis."""
     _style()
     fig, ax = plt.subplots(figsize=(5.5, 3.6))
-    for name, log in eval_logs.items():
+    palette = palette_for(eval_logs, strict=False)
+    for name in hue_order(eval_logs):
+        log = eval_logs[name]
         if len(log):
-            ax.plot(log["epoch"], log["rsum"], marker="o", label=name)
+            ax.plot(log["epoch"], log["rsum"], marker="o", label=name, color=palette[name])
     ax.set(xlabel="epoch", ylabel="dev rSum", title="validation rSum")
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend()
+    integer_ticks(ax, "x")
+    legend_outside(ax)
     fig.tight_layout()
     return fig
 
@@ -203,14 +330,20 @@ def plot_recall_bars(table: pd.DataFrame, ks: Sequence[int] = (1, 5, 10)) -> plt
                              "metric": f"{direction} R@{k}", "value": float(r[f"{direction}_R@{k}"])})
     long = pd.DataFrame(rows)
     protocols = list(dict.fromkeys(long["protocol"]))
-    fig, axes = plt.subplots(1, len(protocols), figsize=(8 * len(protocols), 3.8), squeeze=False,
+    order = hue_order(long["model"])
+    palette = palette_for(order, strict=False)
+    fig, axes = plt.subplots(1, len(protocols), figsize=(8 * len(protocols) + 1.5, 3.8), squeeze=False,
                              sharey=True)
     for ax, protocol in zip(axes[0], protocols):
         part = long[long["protocol"] == protocol]
-        sns.barplot(data=part, x="metric", y="value", hue="model", ax=ax)
+        sns.barplot(data=part, x="metric", y="value", hue="model", hue_order=order, palette=palette,
+                    saturation=1.0, ax=ax)
         ax.set(ylabel="recall (%)", xlabel="", title=f"retrieval recall ({protocol})" if protocol
                else "retrieval recall")
         ax.set_ylim(0, 100)
+        if ax.get_legend() is not None:
+            ax.get_legend().remove()
+    legend_outside(axes[0][-1], title="model")
     fig.tight_layout()
     return fig
 
@@ -372,14 +505,17 @@ def plot_gpo_weights(weights: Any, title: Optional[str] = None,
     series = {name: _numpy(v, f"GPO weights {name}").reshape(-1) for name, v in series.items()}
     if ax is not None and len(series) != 1:
         raise ConfigError("ax", "an axis can hold one series of GPO weights")
-    if ax is None:
-        fig, axes = plt.subplots(1, len(series), figsize=(4.2 * len(series), 3.0), squeeze=False)
+    if ax is None:  # one y scale: the panels are there to be compared
+        fig, axes = plt.subplots(1, len(series), figsize=(4.2 * len(series), 3.0), squeeze=False,
+                                 sharey=True)
         axes = list(axes[0])
     else:
         fig, axes = ax.figure, [ax]
+    colours = palette_for([n for n in series if n], strict=False)
     for a, (name, w) in zip(axes, series.items()):
-        a.bar(np.arange(len(w)), w, color=sns.color_palette()[0])
+        a.bar(np.arange(1, len(w) + 1), w, color=colours.get(name, MODEL_COLOURS["USER"]))
         a.set(xlabel="rank (k-th largest value)", ylabel="GPO weight", title=name or None)
+        integer_ticks(a, "x")
     if title and len(series) == 1:
         axes[0].set_title(title)
     elif title:
@@ -497,88 +633,209 @@ def _check_records(records: pd.DataFrame) -> pd.DataFrame:
     return records[np.isfinite(records["margin"].to_numpy(dtype=np.float64))]
 
 
-def violation_table(records: pd.DataFrame, threshold: float = 0.2,
+@dataclass(frozen=True)
+class ObjectiveThreshold:
+    """The line a model's training objective draws for one query, to judge margins by.
+
+    - VSE++ / DBL (triplet objective): the hardest-negative hinge is active while
+      ``margin = positive − hardest negative < γ`` (``column = "margin"``, ``value`` = the
+      triplet margin, 0.2);
+    - USER (unified objective): negatives are pushed down while their similarity exceeds the
+      absolute threshold γ (0.5); the objective has no margin, so the query is judged by its
+      ``hardest_negative > γ``.
+
+    Build it from a config with :func:`objective_threshold`; a plain float means a margin
+    threshold (``margin < value``).
+    """
+
+    objective: str
+    column: str            # "margin" or "hardest_negative"
+    value: float
+    label: str             # what the dashed line is, e.g. "UTO γ = 0.5"
+
+    def __post_init__(self) -> None:
+        if self.column not in ("margin", "hardest_negative"):
+            raise ConfigError("threshold.column", f"{self.column!r} is not margin or hardest_negative")
+
+    @property
+    def rule(self) -> str:
+        """The violation rule in words, e.g. ``"margin < 0.2"``."""
+        return (f"hardest negative > {self.value:g}" if self.column == "hardest_negative"
+                else f"margin < {self.value:g}")
+
+    @property
+    def axis_label(self) -> str:
+        return ("hardest negative similarity" if self.column == "hardest_negative"
+                else "margin (positive − hardest negative)")
+
+    def violated(self, values: Any) -> np.ndarray:
+        v = np.asarray(values, dtype=np.float64)
+        return v > self.value if self.column == "hardest_negative" else v < self.value
+
+
+def as_threshold(threshold: "float | ObjectiveThreshold") -> ObjectiveThreshold:
+    """A float ``t`` is the margin rule ``margin < t``; an :class:`ObjectiveThreshold` stays."""
+    if isinstance(threshold, ObjectiveThreshold):
+        return threshold
+    value = float(threshold)
+    return ObjectiveThreshold("margin", "margin", value, f"margin {value:g}")
+
+
+def objective_threshold(*configs: Any) -> ObjectiveThreshold:
+    """The threshold of the objective the models of ``configs`` were trained with.
+
+    ``loss.objective == "uto"`` (USER) gives ``hardest_negative > loss.gamma``; ``"triplet"``
+    (VSE++, and DBL's raw loss) gives ``margin < loss.margin``; ``"infonce"`` has no threshold and
+    gives ``margin < 0`` (R@1 misses).
+
+    Raises:
+        ConfigError: no config, or configs whose objectives draw different lines (draw those
+            models in separate figures).
+    """
+    if not configs:
+        raise ConfigError("configs", "give the config of at least one trained model")
+    found = []
+    for cfg in configs:
+        loss = cfg.loss
+        if loss.objective == "uto":
+            found.append(ObjectiveThreshold("uto", "hardest_negative", float(loss.gamma),
+                                            f"UTO γ = {float(loss.gamma):g}"))
+        elif loss.objective == "triplet":
+            found.append(ObjectiveThreshold("triplet", "margin", float(loss.margin),
+                                            f"triplet margin {float(loss.margin):g}"))
+        else:
+            found.append(ObjectiveThreshold(str(loss.objective), "margin", 0.0,
+                                            f"{loss.objective}: no threshold, 0 = R@1 miss"))
+    if len(set(found)) > 1:
+        raise ConfigError("configs", "models trained with different objectives ("
+                          + "; ".join(sorted({t.label for t in found}))
+                          + ") are judged by different thresholds: draw them in separate figures")
+    return found[0]
+
+
+def violation_table(records: pd.DataFrame, threshold: "float | ObjectiveThreshold" = 0.2,
                     hue: Optional[str] = None) -> pd.DataFrame:
-    """Fraction of queries with ``margin < threshold`` per epoch (and per ``hue``)."""
+    """Fraction of queries that violate ``threshold`` per epoch (and per ``hue``).
+
+    ``threshold``: an :class:`ObjectiveThreshold` (its rule), or a float ``t`` (``margin < t``).
+    """
+    rule = as_threshold(threshold)
     records = _check_records(records)
     hue = _hue_column(records, hue)
     keys = ["epoch"] + ([hue] if hue else [])
-    out = (records.assign(violated=records["margin"] < threshold)
+    out = (records.assign(violated=rule.violated(records[rule.column]))
            .groupby(keys, sort=True)["violated"].mean().rename("violation_rate").reset_index())
     return out
 
 
-def plot_margin_distributions(records: pd.DataFrame, threshold: float = 0.2,
+def _int_epochs(records: pd.DataFrame) -> pd.DataFrame:
+    """Whole-number epochs as ints (so categorical axes read ``1`` and not ``1.0``)."""
+    epochs = records["epoch"].to_numpy()
+    if np.issubdtype(epochs.dtype, np.floating) and np.all(np.mod(epochs, 1) == 0):
+        records = records.assign(epoch=epochs.astype(np.int64))
+    return records
+
+
+def plot_margin_distributions(records: pd.DataFrame, threshold: "float | ObjectiveThreshold" = 0.2,
                               hue: Optional[str] = None, direction: Optional[str] = None,
                               violations: Optional[pd.DataFrame] = None) -> plt.Figure:
-    """Margin distributions per epoch (left) and the violation rate per epoch (right).
+    """Per-query distributions per epoch (left) and the violation rate per epoch (right).
+
+    What is drawn depends on the objective (see :class:`ObjectiveThreshold`): the margin with the
+    triplet margin for VSE++ / DBL, the hardest negative's similarity with γ for USER's unified
+    objective. The dashed line and both titles say which threshold it is. Colours come from
+    :func:`palette_for` (the same model has the same colour in both panels and in every figure).
 
     Args:
-        records: rows of :func:`margin_records` (columns ``epoch``, ``margin``, optionally
-            ``direction`` and ``model`` / ``branch``), several epochs concatenated.
-        threshold: a query violates when its margin is below this; 0.2 = DBL's γ, where the
-            hardest-negative triplet hinge becomes active (0 counts R@1 misses).
+        records: rows of :func:`margin_records` (columns ``epoch``, ``margin``,
+            ``hardest_negative``, optionally ``direction`` and ``model`` / ``branch``), several
+            epochs concatenated.
+        threshold: :func:`objective_threshold` of the trained models, or a float ``t``
+            (``margin < t``; 0 counts R@1 misses).
         hue: column that separates models / branches (default ``model`` or ``branch`` if present).
         direction: keep only ``"i2t"`` or ``"t2i"`` queries (default both).
         violations: optional precomputed rates (columns ``epoch``, ``violation_rate`` and the
-            hue column), e.g. :func:`userlab.boosting.violation_rate` per epoch, drawn instead of
-            the rates derived from ``records``.
+            hue column), drawn instead of the rates derived from ``records``.
     """
     _style()
+    rule = as_threshold(threshold)
     if direction is not None:
         if "direction" not in records.columns:
             raise DataError(None, "margin records have no 'direction' column to filter on")
         records = records[records["direction"] == direction]
     records = _check_records(records)
+    if rule.column not in records.columns:
+        raise DataError(None, f"margin records have no {rule.column!r} column (build them with "
+                              "margin_records)")
     if not len(records):
         raise DataError(None, "no finite margins to plot")
+    records = _int_epochs(records)
     hue = _hue_column(records, hue)
-    rates = violation_table(records, threshold, hue) if violations is None else violations
-    fig, (ax_d, ax_v) = plt.subplots(1, 2, figsize=(11, 3.8), gridspec_kw={"width_ratios": [2, 1]})
-    sns.violinplot(data=records, x="epoch", y="margin", hue=hue, cut=0, inner="quartile",
-                   density_norm="width", ax=ax_d, linewidth=0.8)
-    ax_d.axhline(0.0, color="black", lw=0.8)
-    if threshold != 0.0:
-        ax_d.axhline(threshold, color=MISS_COLOUR, lw=0.8, ls="--", label=f"threshold {threshold:g}")
-    ax_d.set(title="positive − hardest negative", ylabel="margin")
-    groups = [(None, rates)] if hue is None else list(rates.groupby(hue, sort=False))
+    rates = violation_table(records, rule, hue) if violations is None else violations
+    order = hue_order(records[hue]) if hue else None
+    palette = palette_for(order, strict=False) if hue else None
+    fig, (ax_d, ax_v) = plt.subplots(1, 2, figsize=(12, 3.8), gridspec_kw={"width_ratios": [2, 1]})
+    sns.violinplot(data=records, x="epoch", y=rule.column, hue=hue, hue_order=order, palette=palette,
+                   cut=0, inner="quartile", density_norm="width", ax=ax_d, linewidth=0.8,
+                   saturation=1.0,  # the palette's colour itself, as in the rate panel
+                   legend=False, color=None if hue else MODEL_COLOURS["USER"])
+    if rule.column == "margin" and rule.value != 0.0:
+        ax_d.axhline(0.0, color="black", lw=0.8)
+    values = records[rule.column].to_numpy(dtype=np.float64)
+    lo, hi = float(values.min()), float(values.max())
+    span = max(hi - lo, 1e-9)
+    if lo - span <= rule.value <= hi + span:
+        ax_d.axhline(rule.value, color=MISS_COLOUR, lw=1.0, ls="--", gid="threshold")
+    else:  # far off the data: say where it is instead of squashing every violin to a line
+        above = rule.value > hi
+        ax_d.annotate(f"{'↑' if above else '↓'} {rule.label} lies off the scale, at {rule.value:g}",
+                      xy=(0.99, 0.97 if above else 0.03), xycoords="axes fraction", ha="right",
+                      va="top" if above else "bottom", color=MISS_COLOUR, fontsize=9, gid="threshold")
+    ax_d.set(title=f"{rule.axis_label} per query; threshold: {rule.label}", ylabel=rule.axis_label)
+    groups = [(None, rates)] if hue is None else [(n, rates[rates[hue] == n]) for n in order]
     for name, part in groups:
-        part = part.sort_values("epoch")
+        part = _int_epochs(part).sort_values("epoch")
         ax_v.plot(part["epoch"].to_numpy(), 100.0 * part["violation_rate"].to_numpy(), marker="o",
-                  label=None if name is None else str(name))
-    ax_v.set(xlabel="epoch", ylabel="violating queries (%)", title=f"margin < {threshold:g}")
-    ax_v.set_ylim(0, 100)
+                  label=None if name is None else str(name),
+                  color=MODEL_COLOURS["USER"] if name is None else palette[name])
+    ax_v.set(xlabel="epoch", ylabel="violating queries (%)", title=f"{rule.rule} ({rule.label})")
+    ax_v.set_ylim(-2, 102)
+    integer_ticks(ax_v, "x")
     if hue is not None:
-        ax_v.legend(fontsize=8)
+        legend_outside(ax_v, title=hue)
     fig.tight_layout()
     return fig
 
 
-def plot_margin_epoch(records: pd.DataFrame, epoch: Any, threshold: float = 0.2,
+def plot_margin_epoch(records: pd.DataFrame, epoch: Any, threshold: "float | ObjectiveThreshold" = 0.2,
                       hue: Optional[str] = None, bins: int = 30) -> plt.Figure:
-    """Histogram of the margins of one epoch, with 0 and ``threshold`` marked.
+    """Histogram of one epoch's margins (or hardest negatives, for USER), threshold marked.
 
-    The title gives the epoch and the violation rate (fraction of queries with margin below
-    ``threshold``), per model when ``hue`` applies.
+    The title gives the epoch and the violation rate (fraction of queries breaking the
+    threshold's rule), per model when ``hue`` applies.
     """
     _style()
+    rule = as_threshold(threshold)
     records = _check_records(records)
     part = records[records["epoch"] == epoch]
     if not len(part):
         raise DataError(None, f"no margin records for epoch {epoch!r} (have "
                               f"{sorted(records['epoch'].unique().tolist())})")
     hue = _hue_column(part, hue)
+    order = hue_order(part[hue]) if hue else None
     fig, ax = plt.subplots(figsize=(6, 3.6))
-    sns.histplot(data=part, x="margin", hue=hue, bins=bins, element="step", stat="density",
-                 common_norm=False, ax=ax)
-    ax.axvline(0.0, color="black", lw=0.8)
-    ax.axvline(threshold, color=MISS_COLOUR, lw=0.8, ls="--")
-    rates = violation_table(part, threshold, hue)
+    sns.histplot(data=part, x=rule.column, hue=hue, hue_order=order,
+                 palette=palette_for(order, strict=False) if hue else None, bins=bins,
+                 element="step", stat="density", common_norm=False, ax=ax)
+    if rule.column == "margin":
+        ax.axvline(0.0, color="black", lw=0.8)
+    ax.axvline(rule.value, color=MISS_COLOUR, lw=0.8, ls="--", gid="threshold")
+    rates = violation_table(part, rule, hue)
     if hue is None:
         rate_text = f"{100 * rates['violation_rate'].iloc[0]:.1f}%"
     else:
         rate_text = ", ".join(f"{r[hue]} {100 * r['violation_rate']:.1f}%" for _, r in rates.iterrows())
-    ax.set(title=f"epoch {epoch}: margin < {threshold:g} for {rate_text}", xlabel="margin")
+    ax.set(title=f"epoch {epoch}: {rule.rule} for {rate_text}", xlabel=rule.axis_label)
     fig.tight_layout()
     return fig
 
@@ -605,9 +862,81 @@ def _off_diagonal(sims: Any) -> np.ndarray:
     return s.reshape(-1)
 
 
+def snapshot_queue(queue: Any) -> Any:
+    """A frozen CPU copy of a :class:`userlab.momentum.MomentumQueue`.
+
+    Take it *before* the forward pass whose queries you draw: the forward pass enqueues the
+    batch's own keys, and a queue drawn afterwards holds every query's own image (100 % same-image
+    keys, an artefact of the order).
+    """
+    import copy
+    return copy.deepcopy(queue).cpu()
+
+
+def _queue_age_panel(ax: plt.Axes, queue: Any, current_step: Optional[int], bins: int,
+                     name: str = "") -> None:
+    written = _numpy(queue.written_at, "queue.written_at", dtype=np.int64)
+    filled = written >= 0
+    step = int(queue.num_enqueued) if current_step is None else int(current_step)
+    ages = step - written[filled]
+    if len(ages):
+        ax.hist(ages, bins=np.arange(ages.min(), ages.max() + 2) - 0.5 if ages.max() - ages.min() < bins
+                else bins, color="0.45")
+    ax.set(xlabel="key age (steps)", ylabel="keys",
+           title=f"{name + ': ' if name else ''}{int(filled.sum())} keys, {int((~filled).sum())} unfilled")
+    integer_ticks(ax, "both")
+
+
+def _negatives_panel(ax: plt.Axes, queue: Any, query_emb: Any, batch_neg_sims: Any, bins: int,
+                     edges: Any = None, title: str = "negatives") -> None:
+    groups = []
+    if query_emb is not None:
+        scores = _queue_scores(queue, query_emb)
+        filled = _numpy(queue.written_at, "queue.written_at", dtype=np.int64) >= 0
+        used = filled | bool(getattr(queue, "include_unfilled", True))
+        written = filled[used]                     # columns of ``scores`` that hold real keys
+        groups.append(("queue negatives", scores[:, written].reshape(-1)))
+        if (~written).any():                       # USER's random initial keys, still in use
+            groups.append(("random initial keys", scores[:, ~written].reshape(-1)))
+    if batch_neg_sims is not None:
+        groups.append(("batch negatives", _off_diagonal(batch_neg_sims)))
+    values = [v for _, v in groups if len(v)]
+    if edges is None:
+        edges = np.histogram_bin_edges(np.concatenate(values), bins=bins) if values else bins
+    for label, v in groups:
+        if len(v):  # one set of bins so the two densities compare bar by bar
+            ax.hist(v, bins=edges, density=True, alpha=0.55, color=MODEL_COLOURS[label],
+                    label=f"{label} (n={len(v)}, mean {v.mean():.2f})")
+    ax.set(xlabel="similarity", ylabel="density", title=title)
+    legend_outside(ax, where="below")
+
+
+def _queue_scores(queue: Any, query_emb: Any) -> np.ndarray:
+    """``(B, K_used)`` query-key similarities over the slots the loss uses (never-written random
+    keys too when the queue's ``include_unfilled`` is True, as in USER)."""
+    q = _numpy(query_emb, "query_emb")
+    keys = _numpy(queue.keys, "queue.keys")
+    if q.ndim != 2 or q.shape[1] != keys.shape[0]:
+        raise DataError(None, f"query_emb must be (B, {keys.shape[0]}), got {q.shape}")
+    filled = _numpy(queue.written_at, "queue.written_at", dtype=np.int64) >= 0
+    used = filled | bool(getattr(queue, "include_unfilled", True))
+    return q @ keys[:, used]
+
+
+def _same_image_panel(ax: plt.Axes, queue: Any, query_ids: Any, name: str = "query") -> np.ndarray:
+    counts = same_image_counts(queue.ids, query_ids)
+    ax.bar(np.arange(len(counts)), counts, color=MISS_COLOUR)
+    ax.set_ylim(0, max(1, int(counts.max(initial=0))) + 0.5)
+    ax.set(xlabel=name, ylabel="same-image keys",
+           title=f"same-image keys: {int(counts.sum())} ({(counts > 0).mean() * 100:.0f}% of queries)")
+    integer_ticks(ax, "both")
+    return counts
+
+
 def plot_queue_state(queue: Any, current_step: Optional[int] = None, query_emb: Any = None,
                      batch_neg_sims: Any = None, query_ids: Any = None, bins: int = 30) -> plt.Figure:
-    """What sits in a :class:`userlab.momentum.MomentumQueue`.
+    """What sits in one :class:`userlab.momentum.MomentumQueue` (see :func:`plot_queues` for
+    both queues with both query modalities).
 
     Panels (the last two only when their inputs are given):
 
@@ -620,7 +949,8 @@ def plot_queue_state(queue: Any, current_step: Optional[int] = None, query_emb: 
     3. keys of the query's own image per query (false negatives when masking is off).
 
     Args:
-        queue: the queue (``keys (E, K)``, ``ids (K,)``, ``written_at (K,)``, ``num_enqueued``).
+        queue: the queue (``keys (E, K)``, ``ids (K,)``, ``written_at (K,)``, ``num_enqueued``),
+            best a :func:`snapshot_queue` taken before the queries' forward pass.
         current_step: step to measure ages from.
         query_emb: ``(B, E)`` query embeddings of the *other* modality (image queries against
             the text queue and vice versa).
@@ -628,46 +958,61 @@ def plot_queue_state(queue: Any, current_step: Optional[int] = None, query_emb: 
         query_ids: ``(B,)`` image ids of the queries.
     """
     _style()
-    written = _numpy(queue.written_at, "queue.written_at", dtype=np.int64)
-    filled = written >= 0
-    step = int(queue.num_enqueued) if current_step is None else int(current_step)
-    ages = step - written[filled]
     panels = 1 + int(query_emb is not None or batch_neg_sims is not None) + int(query_ids is not None)
     fig, axes = plt.subplots(1, panels, figsize=(4.6 * panels, 3.6), squeeze=False)
     axes = list(axes[0])
-    ax = axes.pop(0)
-    if len(ages):
-        ax.hist(ages, bins=np.arange(ages.min(), ages.max() + 2) - 0.5 if ages.max() - ages.min() < bins
-                else bins, color=sns.color_palette()[0])
-    ax.set(xlabel="key age (steps)", ylabel="keys",
-           title=f"{int(filled.sum())} keys, {int((~filled).sum())} unfilled")
+    _queue_age_panel(axes.pop(0), queue, current_step, bins)
     if query_emb is not None or batch_neg_sims is not None:
-        ax = axes.pop(0)
-        groups = []
-        if query_emb is not None:
-            q = _numpy(query_emb, "query_emb")
-            keys = _numpy(queue.keys, "queue.keys")
-            if q.ndim != 2 or q.shape[1] != keys.shape[0]:
-                raise DataError(None, f"query_emb must be (B, {keys.shape[0]}), got {q.shape}")
-            # the slots the loss uses: never-written (random) keys too when the queue allows them
-            used = filled | bool(getattr(queue, "include_unfilled", True))
-            groups.append(("queue negatives", (q @ keys[:, used]).reshape(-1), 1))
-        if batch_neg_sims is not None:
-            groups.append(("batch negatives", _off_diagonal(batch_neg_sims), 2))
-        values = [v for _, v, _ in groups if len(v)]
-        edges = np.histogram_bin_edges(np.concatenate(values), bins=bins) if values else bins
-        for label, v, colour in groups:
-            if len(v):  # one set of bins so the two densities compare bar by bar
-                ax.hist(v, bins=edges, density=True, alpha=0.55, color=sns.color_palette()[colour],
-                        label=f"{label} (mean {v.mean():.2f})")
-        ax.set(xlabel="similarity", ylabel="density", title="negatives")
-        ax.legend(fontsize=8)
+        _negatives_panel(axes.pop(0), queue, query_emb, batch_neg_sims, bins)
     if query_ids is not None:
-        ax = axes.pop(0)
-        counts = same_image_counts(queue.ids, query_ids)
-        ax.bar(np.arange(len(counts)), counts, color=MISS_COLOUR)
-        ax.set(xlabel="query", ylabel="same-image keys",
-               title=f"same-image keys: {int(counts.sum())} ({(counts > 0).mean() * 100:.0f}% of queries)")
+        _same_image_panel(axes.pop(0), queue, query_ids)
+    fig.tight_layout()
+    return fig
+
+
+def plot_queues(image_queue: Any, text_queue: Any, img_emb: Any, txt_emb: Any, query_ids: Any,
+                batch_sims: Any = None, current_step: Optional[int] = None,
+                bins: int = 30) -> plt.Figure:
+    """Both USER queues as the loss sees them: image queries against the **text** queue (top row)
+    and caption queries against the **image** queue (bottom row).
+
+    Each row: key ages, queue negatives beside the batch negatives of the same queries (rows of
+    ``batch_sims`` for image queries, columns for caption queries; off-diagonal, as the
+    mini-batch term uses them), and same-image keys per query. The similarity panels share their
+    bins and x axis, the same-image panels their y axis.
+
+    Args:
+        image_queue, text_queue: the queues, snapshots (:func:`snapshot_queue`) taken *before*
+            the forward pass that produced the embeddings.
+        img_emb: ``(B, E)`` image query embeddings of the batch.
+        txt_emb: ``(B, E)`` caption query embeddings of the same batch.
+        query_ids: ``(B,)`` image ids of that batch.
+        batch_sims: ``(B, B)`` batch similarities ``S = V Tᵀ`` (rows images), optional.
+        current_step: step to measure key ages from (default each queue's ``num_enqueued``).
+    """
+    _style()
+    img = _numpy(img_emb, "img_emb")
+    txt = _numpy(txt_emb, "txt_emb")
+    ids = _numpy(query_ids, "query_ids", dtype=np.int64).reshape(-1)
+    if img.shape != txt.shape or img.ndim != 2 or len(ids) != len(img):
+        raise DataError(None, f"img_emb {img.shape}, txt_emb {txt.shape} and query_ids ({len(ids)},) "
+                              "must describe the same batch")
+    S = None if batch_sims is None else _numpy(batch_sims, "batch_sims")
+    if S is not None and S.shape != (len(img), len(txt)):
+        raise DataError(None, f"batch_sims must be ({len(img)}, {len(txt)}), got {S.shape}")
+    rows = [("image queries", "text queue", text_queue, img, S),
+            ("caption queries", "image queue", image_queue, txt, None if S is None else S.T)]
+    values = [_queue_scores(q, e).reshape(-1) for _, _, q, e, _ in rows]
+    if S is not None:
+        values.append(_off_diagonal(S))
+    edges = np.histogram_bin_edges(np.concatenate(values), bins=bins)
+    fig, axes = plt.subplots(2, 3, figsize=(14, 7.2), sharey="col")
+    for r, (queries, queue_name, queue, emb, sims) in enumerate(rows):
+        _queue_age_panel(axes[r, 0], queue, current_step, bins, name=queue_name)
+        _negatives_panel(axes[r, 1], queue, emb, sims, bins, edges,
+                         title=f"{queries} vs the {queue_name}")
+        _same_image_panel(axes[r, 2], queue, ids, name=queries.replace("queries", "query"))
+    axes[1, 1].sharex(axes[0, 1])
     fig.tight_layout()
     return fig
 
@@ -702,9 +1047,128 @@ def embedding_map_2d(points: Any, method: str = "pca", seed: int = 0) -> np.ndar
     raise ConfigError("method", f"{method!r} is not one of pca, tsne")
 
 
+def plot_colour_scatter(xy: Any, words: Sequence[str], ax: Optional[plt.Axes] = None,
+                        title: Optional[str] = None) -> plt.Figure:
+    """2-D points coloured by a colour word, each drawn in the colour it names (thin dark edges
+    keep yellow and white visible); the legend sits beside the axis.
+
+    Args:
+        xy: ``(N, 2)`` coordinates (e.g. :func:`embedding_map_2d`).
+        words: ``(N,)`` colour names matplotlib knows (``"red"``, ``"purple"``...).
+    """
+    _style()
+    pts = _numpy(xy, "xy")
+    words = np.asarray([str(w) for w in words])
+    if pts.ndim != 2 or pts.shape[1] != 2 or len(pts) != len(words):
+        raise DataError(None, f"xy must be (N, 2) with N = {len(words)} colour words, got {pts.shape}")
+    palette = colour_word_palette(sorted(set(words.tolist())))
+    if ax is None:
+        fig, ax = plt.subplots(figsize=(5.5, 4.2))
+    else:
+        fig = ax.figure
+    for word, colour in palette.items():
+        sel = words == word
+        ax.scatter(pts[sel, 0], pts[sel, 1], s=10, color=colour, edgecolor="0.25", linewidth=0.2,
+                   label=word, gid=f"colour:{word}")
+    ax.set(xticks=[], yticks=[], title=title)
+    legend_outside(ax, markerscale=1.5)
+    return fig
+
+
+def plot_probe(result: Any, ax: Optional[plt.Axes] = None, colours: Optional[Mapping[str, str]] = None,
+               what: str = "linear probe") -> plt.Figure:
+    """Held-out recall per class of a :class:`userlab.probe.ProbeResult`, chance dashed.
+
+    Args:
+        result: the probe result (``classes``, ``per_class``, ``accuracy``, ``chance``).
+        colours: ``{class: colour}``; colour words default to their own colour.
+        what: title prefix.
+    """
+    _style()
+    classes = [str(c) for c in result.classes]
+    if colours is None:
+        colours = (colour_word_palette(classes) if all(mcolors.is_color_like(c) for c in classes)
+                   else dict(zip(classes, sns.color_palette("tab10", len(classes)))))
+    if ax is None:
+        fig, ax = plt.subplots(figsize=(0.5 * len(classes) + 2.5, 3.6))
+    else:
+        fig = ax.figure
+    ax.bar(classes, 100 * np.asarray(result.per_class, dtype=np.float64), color=[colours[c] for c in classes],
+           edgecolor="0.25", linewidth=0.4)
+    ax.axhline(100 * result.chance, color="black", ls="--", lw=1, label=f"chance {100 * result.chance:.0f}%")
+    ax.set(ylim=(0, 100), ylabel="held-out recall (%)", title=f"{what}: {100 * result.accuracy:.0f}% overall")
+    ax.tick_params(axis="x", rotation=45)
+    ax.legend(loc="upper right", fontsize=8)
+    return fig
+
+
+def modality_gap(img_emb: Any, cap_emb: Any) -> dict[str, float]:
+    """Numbers behind an embedding map: how far apart the two modalities sit.
+
+    Returns ``gap`` (distance between the mean image and the mean caption embedding),
+    ``gap_variance_share`` (share of the total variance of images and captions together that lies
+    along the gap direction), ``matched_cosine`` (mean image-caption cosine of matching pairs)
+    and ``unmatched_cosine`` (mean over all other image-caption pairs).
+    """
+    img = _numpy(img_emb, "img_emb")
+    cap = _numpy(cap_emb, "cap_emb")
+    k = _captions_per_image((img.shape[0], cap.shape[0]))
+    gap_vec = img.mean(axis=0) - cap.mean(axis=0)
+    both = np.concatenate([img, cap])
+    centred = both - both.mean(axis=0)
+    total = float((centred ** 2).sum())
+    unit = gap_vec / max(np.linalg.norm(gap_vec), 1e-12)
+    along = float(((centred @ unit) ** 2).sum())
+    def unit_rows(x):
+        return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+    cos = unit_rows(img) @ unit_rows(cap).T
+    owner = np.arange(cap.shape[0]) // k
+    is_pos = owner[None, :] == np.arange(img.shape[0])[:, None]
+    return {"gap": float(np.linalg.norm(gap_vec)), "gap_variance_share": along / max(total, 1e-12),
+            "matched_cosine": float(cos[is_pos].mean()),
+            "unmatched_cosine": float(cos[~is_pos].mean()) if (~is_pos).any() else float("nan")}
+
+
+def plot_pair_similarity(img_emb: Any, cap_emb: Any, ax: Optional[plt.Axes] = None,
+                         bins: int = 40, max_pairs: int = 200_000, seed: int = 0) -> plt.Figure:
+    """Cosine of matching image-caption pairs against the other pairs, as two densities.
+
+    This is what retrieval rests on, whatever the modality gap: each image must score its own
+    captions above the others. Colours: :data:`HIT_COLOUR` for matching pairs, grey for the rest
+    (a random sample of ``max_pairs`` when there are more); the legend gives both means.
+
+    Args:
+        img_emb: ``(N, E)`` image embeddings.
+        cap_emb: ``(kN, E)`` caption embeddings, captions ``k*i..`` of image ``i``.
+    """
+    _style()
+    img = _numpy(img_emb, "img_emb")
+    cap = _numpy(cap_emb, "cap_emb")
+    k = _captions_per_image((img.shape[0], cap.shape[0]))
+    unit = lambda x: x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)  # noqa: E731
+    cos = unit(img) @ unit(cap).T
+    is_pos = (np.arange(cap.shape[0]) // k)[None, :] == np.arange(img.shape[0])[:, None]
+    pos, neg = cos[is_pos], cos[~is_pos]
+    if len(neg) > max_pairs:
+        neg = np.random.default_rng(seed).choice(neg, max_pairs, replace=False)
+    if ax is None:
+        fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    else:
+        fig = ax.figure
+    edges = np.histogram_bin_edges(np.concatenate([pos, neg]), bins=bins)
+    ax.hist(neg, bins=edges, density=True, alpha=0.6, color="0.55",
+            label=f"other pairs (mean {cos[~is_pos].mean():.2f})")
+    ax.hist(pos, bins=edges, density=True, alpha=0.6, color=HIT_COLOUR,
+            label=f"matching pairs (mean {pos.mean():.2f})")
+    ax.set(xlabel="image-caption cosine", ylabel="density", title="matching vs other pairs")
+    ax.legend(fontsize=8, loc="best")
+    return fig
+
+
 def plot_embedding_map(img_emb: Any, cap_emb: Any, labels: Any = None, method: str = "pca",
                        n_linked: int = 5, linked: Optional[Sequence[int]] = None,
-                       max_images: Optional[int] = 500, seed: int = 0) -> plt.Figure:
+                       max_images: Optional[int] = 500, seed: int = 0, centre: bool = False,
+                       ax: Optional[plt.Axes] = None, label_name: str = "image label") -> plt.Figure:
     """Images and captions in one 2-D map of the joint space.
 
     Images are dots, captions crosses; with ``labels`` both are coloured by their image's label.
@@ -721,6 +1185,12 @@ def plot_embedding_map(img_emb: Any, cap_emb: Any, labels: Any = None, method: s
         linked: explicit image indices to link (overrides ``n_linked``).
         max_images: keep only this many images (evenly spaced) and their captions, for speed.
         seed: t-SNE seed.
+        centre: subtract each modality's own mean and scale both to the same root-mean-square
+            norm first. Without it the leading axis of a trained joint space is usually the
+            image/caption gap (:func:`modality_gap`); centred, the map shows how scenes spread
+            and whether captions sit by their image.
+        ax: draw into this axis (its figure is returned).
+        label_name: legend title for ``labels``.
     """
     _style()
     img = _numpy(img_emb, "img_emb")
@@ -735,25 +1205,36 @@ def plot_embedding_map(img_emb: Any, cap_emb: Any, labels: Any = None, method: s
     if max_images is not None and len(img) > max_images:
         keep = np.unique(np.linspace(0, len(img) - 1, max_images).round().astype(int))
     cap_keep = (keep[:, None] * k + np.arange(k)[None, :]).reshape(-1)
-    xy = embedding_map_2d(np.concatenate([img[keep], cap[cap_keep]]), method, seed)
+    pts_img, pts_cap = img[keep], cap[cap_keep]
+    if centre:  # each modality about its own mean, at the same spread: removes the gap
+        pts_img, pts_cap = pts_img - img.mean(axis=0), pts_cap - cap.mean(axis=0)
+        pts_img = pts_img / max(float(np.sqrt((pts_img ** 2).sum(axis=1).mean())), 1e-12)
+        pts_cap = pts_cap / max(float(np.sqrt((pts_cap ** 2).sum(axis=1).mean())), 1e-12)
+    xy = embedding_map_2d(np.concatenate([pts_img, pts_cap]), method, seed)
     xy_img, xy_cap = xy[:len(keep)], xy[len(keep):]
-    fig, ax = plt.subplots(figsize=(6.4, 5.2))
+    if ax is None:
+        fig, ax = plt.subplots(figsize=(6.4, 5.2))
+    else:
+        fig = ax.figure
     if lab is None:
         ax.scatter(xy_cap[:, 0], xy_cap[:, 1], marker="x", s=12, alpha=0.5, label="captions",
-                   color=sns.color_palette()[1])
+                   color=MODEL_COLOURS["caption queries"])
         ax.scatter(xy_img[:, 0], xy_img[:, 1], marker="o", s=22, label="images",
-                   color=sns.color_palette()[0], edgecolor="white", linewidth=0.4)
-        ax.legend(fontsize=8)
+                   color=MODEL_COLOURS["image queries"], edgecolor="white", linewidth=0.4)
+        ax.legend(fontsize=8, loc="best")
     else:
-        names = list(dict.fromkeys(lab[keep].tolist()))
-        palette = dict(zip(names, sns.color_palette("tab10" if len(names) <= 10 else "husl", len(names))))
+        names = sorted(dict.fromkeys(lab[keep].tolist()), key=str)
+        if all(isinstance(n, str) and mcolors.is_color_like(n) for n in names):
+            palette = colour_word_palette(names)    # "red" drawn red
+        else:
+            palette = dict(zip(names, sns.color_palette("tab10" if len(names) <= 10 else "husl", len(names))))
         cap_lab = np.repeat(lab[keep], k)
         for name in names:
             ax.scatter(*xy_cap[cap_lab == name].T, marker="x", s=12, alpha=0.5, color=palette[name])
             ax.scatter(*xy_img[lab[keep] == name].T, marker="o", s=22, color=palette[name],
                        edgecolor="white", linewidth=0.4, label=str(name))
-        ax.legend(fontsize=7, title="image label (dots), captions (x)", title_fontsize=7,
-                  loc="best", ncol=1 + len(names) // 8)
+        legend_outside(ax, title=f"{label_name}\n(dots images, x captions)",
+                       ncol=1 + len(names) // 12)
     position = {int(i): j for j, i in enumerate(keep)}
     if linked is None:
         chosen = keep[np.unique(np.linspace(0, len(keep) - 1, min(n_linked, len(keep))).round().astype(int))] \
@@ -769,7 +1250,8 @@ def plot_embedding_map(img_emb: Any, cap_emb: Any, labels: Any = None, method: s
     if segments:
         ax.add_collection(LineCollection(segments, colors="black", linewidths=0.7, alpha=0.6,
                                          gid="links"))
-    ax.set(title=f"joint embedding space ({method.upper()}, {len(keep)} images)", xticks=[], yticks=[])
+    ax.set(title=f"joint embedding space ({method.upper()}, {len(keep)} images"
+                 f"{', modalities centred and scaled' if centre else ''})", xticks=[], yticks=[])
     fig.tight_layout()
     return fig
 
