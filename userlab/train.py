@@ -133,6 +133,21 @@ def _all_reduce_gradients(params: Sequence[torch.nn.Parameter], world: int) -> N
         offset += n
 
 
+def tensorboard_writer(folder: Path) -> Any:
+    """A ``SummaryWriter`` logging into ``folder``; needs the ``tensorboard`` extra.
+
+    Raises:
+        ConfigError: tensorboard is not installed (``pip install 'userlab[tensorboard]'``).
+    """
+    import importlib.util
+    if importlib.util.find_spec("tensorboard") is None:
+        from .errors import ConfigError
+        raise ConfigError("tensorboard", "logging to TensorBoard needs the tensorboard package: "
+                                         "pip install 'userlab[tensorboard]'")
+    from torch.utils.tensorboard import SummaryWriter
+    return SummaryWriter(str(folder))
+
+
 # -- callbacks ---------------------------------------------------------------------------------
 class Callback:
     """Hooks a notebook can implement to draw live curves. All are optional."""
@@ -223,8 +238,7 @@ class Trainer:
         self.eval_log = CSVLog(self.run_dir / "eval_log.csv", key="epoch")
         self.writer = None
         if tensorboard and self.rank == 0:
-            from torch.utils.tensorboard import SummaryWriter
-            self.writer = SummaryWriter(str(self.run_dir / "tensorboard"))
+            self.writer = tensorboard_writer(self.run_dir / "tensorboard")
         if resume:
             self.try_resume()
         elif self.rank == 0:
@@ -391,6 +405,8 @@ class Trainer:
             for cb in self.callbacks:
                 cb.on_epoch_end(self)
             self.save("last")
+        if self.writer is not None:
+            self.writer.flush()
         return pd.DataFrame(self.history)
 
     def _done(self) -> bool:
