@@ -108,6 +108,7 @@ class OptimConfig:
     lr_decay: float = 0.1
     grad_clip: float = 2.0
     amp: str = "auto"                   # auto: bf16/fp16 on CUDA, bf16 on CPUs with native bf16; off, bf16, fp16
+    compile: bool = False               # torch.compile the image encoders' dense blocks (userlab.accel)
     seed: int = 1
     device: str = "auto"
 

@@ -215,6 +215,9 @@ class Trainer:
                      else build_model(cfg, vocab=self.data.vocab))
         self.model = model
         self.model.to(self.device)
+        if cfg.optim.compile:
+            from .accel import compile_dense_parts
+            compile_dense_parts(self.model)
         if self.world > 1:
             _broadcast_module(self.model)
         self.optimizer = torch.optim.AdamW(
