@@ -199,6 +199,7 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=3, help="interleaved repeats of every block")
     p.add_argument("--threads", type=int, default=1, help="torch threads (1: fair on a shared machine)")
     p.add_argument("--compile", action="store_true", help="also time torch.compile (slow to compile)")
+    p.add_argument("--levers", help="comma list of lever numbers to time (default: all; 0 is always timed)")
     p.add_argument("--device", default="auto")
     p.add_argument("--gpu-amp", default="auto", help="optim.amp on CUDA for the bf16 lever: auto, bf16, fp16")
     p.add_argument("--no-write", action="store_true")
@@ -217,6 +218,8 @@ def main(argv=None) -> int:
     device = pick_device(args.device)
     sizes = [s for s in args.sizes.split(",") if s]
     levers = list(range(len(LEVERS) if args.compile else len(LEVERS) - 1))
+    if args.levers:
+        levers = sorted({0} | {int(x) for x in args.levers.split(",") if x})
     load_before = load_text()
     started = time.perf_counter()
     runs: dict[tuple, list[dict]] = {}
@@ -231,6 +234,7 @@ def main(argv=None) -> int:
     wall = time.perf_counter() - started
     cmd = (f"python bench/bench_train_step.py --sizes {args.sizes} --steps {args.steps} --warmup {args.warmup} "
            f"--repeats {args.repeats} --threads {args.threads}" + (" --compile" if args.compile else "")
+           + (f" --levers {args.levers}" if args.levers else "")
            + (f" --device {args.device}" if args.device != "auto" else "")
            + "".join(f" --{k} {v}" for k, v in CUSTOM.items()))
     lines = [f"## Training step lever by lever, USER and VSE++ ({dt.datetime.now():%Y-%m-%d %H:%M})", "",
