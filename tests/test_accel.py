@@ -97,3 +97,25 @@ def test_compile_dense_parts_keeps_names_and_results():
              "lengths": torch.tensor([3, 2, 1, 3])}
     assert torch.equal(compiled.encode_image(batch).embedding, eager.encode_image(batch).embedding)
     assert ExperimentConfig.from_dict({"optim": {"compile": True}}).optim.compile is True
+
+
+def test_captions_are_tokenised_and_augmented_in_the_workers(tmp_path):
+    """With data.num_workers > 0 the training process never tokenises: the workers do, and the
+    batches equal the in-process ones (augmentation is a function of seed, epoch and caption)."""
+    trainer = _trainer(tmp_path, **{"data.caption_augment": True, "data.num_workers": 1})
+    tokenizer = trainer.data.train.tokenizer
+    calls = []
+    real_encode = tokenizer.encode
+
+    def counting_encode(*args, **kwargs):
+        calls.append(1)
+        return real_encode(*args, **kwargs)
+
+    tokenizer.encode = counting_encode
+    with_workers = list(trainer._loader(epoch=1, skip=0))
+    assert calls == []                                   # nothing ran in this process
+    trainer.cfg.data.num_workers = 0
+    in_process = list(trainer._loader(epoch=1, skip=0))
+    assert len(calls) == sum(len(b["tokens"]) for b in in_process) > 0
+    for a, b in zip(with_workers, in_process):
+        assert torch.equal(a["tokens"], b["tokens"]) and torch.equal(a["regions"], b["regions"])
