@@ -10,9 +10,11 @@ issue 15 (float32, GPO sorting the strided region axis, a log row with its host 
 5. ``+ torch.compile``  (only with ``--compile``) the image encoder's SGE and MLP compiled.
 
 The key encoder's forward already runs under ``torch.no_grad()`` (``RetrievalModel._momentum_keys``)
-in every variant. Every (size, backbone, lever) block runs in its own subprocess so its peak RSS
-(VmHWM) is its own; blocks are interleaved within each repeat, and the table gives the median over
-repeats of each block's median step time. Sizes: ``issue`` (batch 128, 36 x 2048 regions, embed
+in every variant. Each (size, backbone) runs in its own subprocess per repeat, with a fresh model
+per lever and the levers in a rotated order (interleaved); the table gives the median over repeats
+of each block's median step time, as **CPU time** of the process (``time.process_time``: with one
+torch thread it counts the work of the step, not the time other jobs on a shared machine took the
+core) and as wall time, and the peak resident memory sampled during the lever's steps. Sizes: ``issue`` (batch 128, 36 x 2048 regions, embed
 1024, queue 2048, the authors' sizes), ``demo`` (the demo preset: 12 x 1280, embed 256, queue 1024)
 and ``grid`` (the demo preset on Flickr8k-style 49 x 1280 grid features). Appends a markdown
 section to bench/RESULTS.md with the machine and the load average.
@@ -48,6 +50,7 @@ LEVERS = ("fp32 (before)", "+ rows when logged", "+ GPO contiguous sort", "+ bf1
           "+ torch.compile")
 BACKBONES = ("VSE++", "USER")
 LOG_EVERY = 10
+ORIGINAL_SORT_POOL = pooling.sort_pool
 
 
 def legacy_sort_pool(features: torch.Tensor, lengths: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -134,13 +137,39 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def run_block(size: str, backbone: str, lever: int, steps: int, warmup: int, batch: int,
-              device_name: str, gpu_amp: str) -> dict:
+class RssSampler:
+    """Peak VmRSS (MiB) of this process, sampled every 5 ms by a thread while ``with`` is open."""
+
+    def __enter__(self) -> "RssSampler":
+        import threading
+        self.peak, self._stop = current_rss_mb(), threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.005):
+            self.peak = max(self.peak, current_rss_mb())
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def current_rss_mb() -> float:
+    try:
+        with open("/proc/self/statm", encoding="ascii") as fh:
+            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except (OSError, ValueError, AttributeError):
+        return float("nan")
+
+
+def run_lever(size: str, backbone: str, lever: int, steps: int, warmup: int, batch: int,
+              device, gpu_amp: str) -> dict:
     """Time ``steps`` training steps (after ``warmup``) with levers ``0..lever`` switched on."""
-    device = pick_device(device_name)
     cfg = make(size_config(size, batch), backbone == "USER")
-    if lever < 2:
-        pooling.sort_pool = legacy_sort_pool
+    import userlab.models.pooling as pool_module
+    pool_module.sort_pool = legacy_sort_pool if lever < 2 else ORIGINAL_SORT_POOL
     amp = None
     if lever >= 3:
         amp = amp_dtype("bf16" if device.type == "cpu" else gpu_amp, device)
@@ -148,44 +177,52 @@ def run_block(size: str, backbone: str, lever: int, steps: int, warmup: int, bat
     model = RetrievalModel(cfg).to(device).train()
     compile_s = None
     if lever >= 4:
-        for enc in [model.encoder] + ([model.key_encoder] if model.uses_queues else []):
-            image = enc.image_encoder
-            if image.sge is not None:
-                image.sge = torch.compile(image.sge)
-            image.mlp = torch.compile(image.mlp)
+        from userlab.accel import compile_dense_parts
+        compile_dense_parts(model)
     trainer = stub_trainer(cfg, model, device, amp)
     data = synthetic_batch(batch, cfg.model.num_regions, cfg.model.region_dim, cfg.model.vocab_size, 16, device)
-    times = []
-    for i in range(warmup + steps):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t = time.perf_counter()
-        with_row = lever == 0 or i % LOG_EVERY == 0
-        trainer.train_step(data, with_row=with_row)
-        trainer.step += 1
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        elapsed = time.perf_counter() - t
-        if i == 0 and lever >= 4:
-            compile_s = elapsed
-        if i >= warmup:
-            times.append(elapsed)
-    out = {"times": times, "rss_mb": peak_rss_mb(), "compile_s": compile_s}
+    wall, cpu = [], []
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    with RssSampler() as rss:
+        for i in range(warmup + steps):
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            t, c = time.perf_counter(), time.process_time()
+            trainer.train_step(data, with_row=lever == 0 or i % LOG_EVERY == 0)
+            trainer.step += 1
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            if i == 0 and lever >= 4:
+                compile_s = time.perf_counter() - t
+            if i >= warmup:
+                wall.append(time.perf_counter() - t)
+                cpu.append(time.process_time() - c)
+    out = {"times": wall, "cpu": cpu, "rss_mb": rss.peak, "compile_s": compile_s}
     if device.type == "cuda":
         out["gpu_peak_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
     return out
 
 
-def spawn_block(args, size: str, backbone: str, lever: int) -> dict:
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", size, backbone, str(lever),
+def run_group(size: str, backbone: str, levers: list[int], rotate: int, steps: int, warmup: int,
+              batch: int, device_name: str, gpu_amp: str) -> dict:
+    device = pick_device(device_name)
+    order = levers[rotate % len(levers):] + levers[:rotate % len(levers)]
+    return {str(lever): run_lever(size, backbone, lever, steps, warmup, batch, device, gpu_amp)
+            for lever in order}
+
+
+def spawn_group(args, size: str, backbone: str, levers: list[int], rotate: int) -> dict[int, dict]:
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", size, backbone,
+           ",".join(map(str, levers)), str(rotate),
            "--steps", str(args.steps), "--warmup", str(args.warmup), "--batch", str(args.batch),
            "--device", args.device, "--gpu-amp", args.gpu_amp, "--threads", str(args.threads)]
     cmd += [x for k, v in CUSTOM.items() for x in (f"--{k}", str(v))]
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
     res = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if res.returncode != 0:
-        raise SystemExit(f"block {size}/{backbone}/{LEVERS[lever]} failed:\n{res.stderr[-3000:]}")
-    return json.loads(res.stdout.strip().splitlines()[-1])
+        raise SystemExit(f"group {size}/{backbone} failed:\n{res.stderr[-3000:]}")
+    return {int(k): v for k, v in json.loads(res.stdout.strip().splitlines()[-1]).items()}
 
 
 def main(argv=None) -> int:
@@ -203,16 +240,16 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="auto")
     p.add_argument("--gpu-amp", default="auto", help="optim.amp on CUDA for the bf16 lever: auto, bf16, fp16")
     p.add_argument("--no-write", action="store_true")
-    p.add_argument("--worker", nargs=3, metavar=("SIZE", "BACKBONE", "LEVER"), help=argparse.SUPPRESS)
+    p.add_argument("--worker", nargs=4, metavar=("SIZE", "BACKBONE", "LEVERS", "ROTATE"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     CUSTOM.update({k: getattr(args, k) for k in ("regions", "dim", "embed", "queue") if getattr(args, k)})
     if CUSTOM and "--sizes" not in (argv if argv is not None else sys.argv):
         args.sizes = "custom"
     if args.worker:
-        size, backbone, lever = args.worker
-        print(json.dumps(run_block(size, backbone, int(lever), args.steps, args.warmup, args.batch,
-                                   args.device, args.gpu_amp)))
+        size, backbone, levers, rotate = args.worker
+        print(json.dumps(run_group(size, backbone, [int(x) for x in levers.split(",")], int(rotate),
+                                   args.steps, args.warmup, args.batch, args.device, args.gpu_amp)))
         return 0
 
     device = pick_device(args.device)
@@ -226,11 +263,12 @@ def main(argv=None) -> int:
     for rep in range(args.repeats):
         for size in sizes:
             for backbone in BACKBONES:
+                group = spawn_group(args, size, backbone, levers, rep)
                 for lever in levers:
-                    block = spawn_block(args, size, backbone, lever)
-                    runs.setdefault((size, backbone, lever), []).append(block)
-                    print(f"repeat {rep + 1} {size} {backbone} {LEVERS[lever]}: "
-                          f"{statistics.median(block['times']):.3f} s/step, load {load_text()}", flush=True)
+                    runs.setdefault((size, backbone, lever), []).append(group[lever])
+                    print(f"repeat {rep + 1} {size} {backbone} {LEVERS[lever]}: cpu "
+                          f"{statistics.median(group[lever]['cpu']):.3f} s/step, wall "
+                          f"{statistics.median(group[lever]['times']):.3f}, load {load_text()}", flush=True)
     wall = time.perf_counter() - started
     cmd = (f"python bench/bench_train_step.py --sizes {args.sizes} --steps {args.steps} --warmup {args.warmup} "
            f"--repeats {args.repeats} --threads {args.threads}" + (" --compile" if args.compile else "")
@@ -244,29 +282,32 @@ def main(argv=None) -> int:
              f"- load average (1/5/15 min) before: {load_before}; after: {load_text()} "
              "(the machine is shared with other jobs; blocks are interleaved)",
              f"- command: `{cmd}` ({wall / 60:.1f} min)",
-             f"- each block: its own process, {args.warmup} warm-up + {args.steps} timed steps; "
-             f"median over {args.repeats} repeats of the block medians; speed-up = fp32 (before) / lever",
+             f"- per repeat one process per (size, backbone), a fresh model per lever, levers in rotated "
+             f"order; {args.warmup} warm-up + {args.steps} timed steps per lever; median over {args.repeats} "
+             "repeats of the per-lever medians; CPU = process CPU time per step (1 torch thread), speed-up = "
+             "fp32 (before) / lever on CPU time; peak RSS = highest VmRSS sampled during the lever's steps",
              ""]
     for size in sizes:
         lines += [f"### {size}: {size_text(size_config(size, args.batch))}", "",
-                  "| backbone | lever (cumulative) | s/step | steps/s | speed-up | runs (s/step) | peak RSS (MiB) |"
-                  + (" compile + 1st step (s) |" if args.compile else ""),
-                  "|---|---|---:|---:|---:|---|---:|" + ("---:|" if args.compile else "")]
+                  "| backbone | lever (cumulative) | CPU s/step | steps/s (CPU) | speed-up | runs (CPU s/step) "
+                  "| wall s/step | peak RSS (MiB) |" + (" compile + 1st step (s) |" if args.compile else ""),
+                  "|---|---|---:|---:|---:|---|---:|---:|" + ("---:|" if args.compile else "")]
         for backbone in BACKBONES:
-            base = statistics.median(statistics.median(b["times"]) for b in runs[(size, backbone, 0)])
+            base = statistics.median(statistics.median(b["cpu"]) for b in runs[(size, backbone, 0)])
             for lever in levers:
                 blocks = runs[(size, backbone, lever)]
-                med = statistics.median(statistics.median(b["times"]) for b in blocks)
+                med = statistics.median(statistics.median(b["cpu"]) for b in blocks)
+                wall_med = statistics.median(statistics.median(b["times"]) for b in blocks)
                 row = (f"| {backbone} | {LEVERS[lever]} | {med:.3f} | {1 / med:.2f} | {base / med:.2f}x | "
-                       f"{', '.join('%.3f' % statistics.median(b['times']) for b in blocks)} | "
+                       f"{', '.join('%.3f' % statistics.median(b['cpu']) for b in blocks)} | {wall_med:.3f} | "
                        f"{max(b['rss_mb'] for b in blocks):.0f} |")
                 if args.compile:
                     cs = [b["compile_s"] for b in blocks if b["compile_s"] is not None]
                     row += f" {statistics.median(cs):.1f} |" if cs else " |"
                 lines.append(row)
-        user_new = statistics.median(statistics.median(b["times"]) for b in runs[(size, "USER", levers[-1])])
-        vse_new = statistics.median(statistics.median(b["times"]) for b in runs[(size, "VSE++", levers[-1])])
-        lines += ["", f"USER / VSE++ step time with every lever: {user_new / vse_new:.2f}", ""]
+        user_new = statistics.median(statistics.median(b["cpu"]) for b in runs[(size, "USER", levers[-1])])
+        vse_new = statistics.median(statistics.median(b["cpu"]) for b in runs[(size, "VSE++", levers[-1])])
+        lines += ["", f"USER / VSE++ CPU time per step with every lever: {user_new / vse_new:.2f}", ""]
     text = "\n".join(lines)
     print(text)
     if not args.no_write:
