@@ -119,3 +119,19 @@ def test_captions_are_tokenised_and_augmented_in_the_workers(tmp_path):
     assert len(calls) == sum(len(b["tokens"]) for b in in_process) > 0
     for a, b in zip(with_workers, in_process):
         assert torch.equal(a["tokens"], b["tokens"]) and torch.equal(a["regions"], b["regions"])
+
+
+def test_similarities_stay_float32_under_bf16_autocast():
+    cfg = ExperimentConfig()
+    cfg.model.region_dim, cfg.model.num_regions, cfg.model.embed_size = 8, 4, 16
+    cfg.model.mlp_hidden, cfg.model.word_dim, cfg.model.vocab_size = 16, 16, 30
+    cfg.momentum.queue_size, cfg.data.batch_size = 16, 4
+    torch.manual_seed(0)
+    model = RetrievalModel(cfg).eval()
+    batch = {"regions": torch.randn(4, 4, 8), "tokens": torch.tensor([[5, 6, 7], [8, 9, 0], [5, 0, 0], [9, 9, 9]]),
+             "lengths": torch.tensor([3, 2, 1, 3]), "image_id": torch.arange(4)}
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        _, out = model(batch)
+    assert out["img"].dtype == out["txt"].dtype == out["sim"].dtype == torch.float32
+    expected = out["img"].double() @ out["txt"].double().t()
+    assert torch.allclose(out["sim"].double(), expected, atol=1e-6)   # not bf16-rounded (~4e-3)
