@@ -202,6 +202,46 @@ def test_gpo_gradients_and_pe_cache_growth():
     assert "_pe_cache" not in "".join(gpo.state_dict())
 
 
+def _sort_pool_dim1(features, lengths, weights):
+    """The pooling step as userlab computed it before issue 15: sort along the strided dim 1."""
+    from userlab.models.pooling import length_mask
+    valid = length_mask(lengths, features.shape[1]).unsqueeze(-1)
+    ranked = features.masked_fill(~valid, float("-inf")).sort(dim=1, descending=True).values
+    ranked = ranked.masked_fill(~valid, 0.0)
+    return (ranked * weights.unsqueeze(-1).to(ranked.dtype)).sum(1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("full", [True, False])
+def test_sort_pool_equals_the_dim1_sort_with_the_same_gradients(dtype, full):
+    from userlab.models.pooling import length_mask, sort_pool
+    gen = torch.Generator().manual_seed(5)
+    b, k, d = 6, 9, 33
+    feats = torch.randn(b, k, d, generator=gen).to(dtype)
+    feats[0, 3] = feats[0, 5]                       # ties inside a row
+    feats[1, :, :4] = 0.7                           # a fully tied column block
+    lengths = torch.full((b,), k) if full else torch.tensor([9, 1, 4, 9, 7, 2])
+    weights = torch.softmax(torch.randn(b, k, generator=gen), 1) * length_mask(lengths, k)
+    weights = weights.to(torch.promote_types(dtype, torch.float32)).requires_grad_(True)
+    grad_out = torch.randn(b, d, generator=gen).to(dtype)
+    results = []
+    for fn in (sort_pool, _sort_pool_dim1):
+        x = feats.clone().requires_grad_(True)
+        w = weights.detach().clone().requires_grad_(True)
+        pooled = fn(x, lengths, w)
+        pooled.backward(grad_out)
+        results.append((pooled.detach(), x.grad, w.grad))
+    (new, new_gx, new_gw), (old, old_gx, old_gw) = results
+    assert new.dtype == old.dtype == dtype
+    tol = {torch.float32: 1e-6, torch.bfloat16: 0.0, torch.float64: 1e-13}[dtype]
+    # only the summation order over ranks differs: float32 may move in the last bit
+    assert torch.allclose(new.double(), old.double(), rtol=tol, atol=tol)
+    assert torch.equal(new_gx, old_gx)
+    assert torch.allclose(new_gw.double(), old_gw.double(), rtol=tol * 10, atol=tol * 10)
+    if not full:
+        assert torch.all(new_gx[1, 1:] == 0)        # padded positions get no gradient
+
+
 def test_gpo_rejects_bad_lengths():
     gpo = GPO()
     with pytest.raises(DataError, match="lengths"):

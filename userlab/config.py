@@ -114,7 +114,8 @@ class OptimConfig:
     lr_step: int = 10                   # lr x lr_decay every lr_step epochs; 0 = no decay
     lr_decay: float = 0.1
     grad_clip: float = 2.0
-    amp: str = "auto"                   # auto (bf16/fp16 on CUDA, off on CPU), off, bf16, fp16
+    amp: str = "auto"                   # auto: bf16/fp16 on CUDA, bf16 on CPUs with native bf16; off, bf16, fp16
+    compile: bool = False               # torch.compile the image encoders' dense blocks (userlab.accel)
     seed: int = 1
     device: str = "auto"                # auto, cpu, cuda, cuda:N, mps (checked available at Trainer start)
     max_nonfinite_steps: int = 10       # this many NaN/Inf steps in a row (each skipped) stop the run

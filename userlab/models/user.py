@@ -26,6 +26,15 @@ from ..momentum import MomentumQueue, ema_update_, make_key_encoder
 from .dual import DualEncoder
 
 
+def _without_autocast(device: torch.device):
+    """Context that computes in the inputs' own precision, even inside ``torch.autocast``."""
+    try:
+        return torch.autocast(device_type=device.type, enabled=False)
+    except (RuntimeError, ValueError):  # a device type without autocast
+        import contextlib
+        return contextlib.nullcontext()
+
+
 class RetrievalModel(nn.Module):
     """Query encoders (+ momentum key encoders and queues) and the training objective.
 
@@ -75,7 +84,10 @@ class RetrievalModel(nn.Module):
             and the full ``image`` / ``text`` outputs (attention weights), for figures.
         """
         img, txt = self.encoder(batch)
-        sim = img.embedding @ txt.embedding.t()
+        # The embeddings leave the encoders in float32; under bf16/fp16 autocast the matmul would
+        # round the similarities to ~3 digits, and the losses scale them by up to mu = 90.
+        with _without_autocast(img.embedding.device):
+            sim = img.embedding @ txt.embedding.t()
         outputs = {"sim": sim, "img": img.embedding, "txt": txt.embedding, "image": img, "text": txt}
         loss_cfg = self.cfg.loss
         if loss_cfg.objective == "uto":
