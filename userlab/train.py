@@ -37,6 +37,7 @@ from . import checkpoint as ckpt
 from .config import ExperimentConfig
 from .data.precomp import collate_batch
 from .evaluate import evaluate, move_batch
+from .interrupt import TrainingInterrupted, stop_requested
 from .losses import check_collapse
 from .models.boosted import BoostedModel
 from .models.user import RetrievalModel, build_model
@@ -331,6 +332,9 @@ class Trainer:
                 bar.set_postfix(loss=f"{row['loss']:.3f}", lr=f"{lr:.1e}")
                 if self.checkpoint_every and self.step % self.checkpoint_every == 0:
                     self.save("last")
+                if stop_requested():  # Ctrl-C under `userlab train`: save between steps, stop
+                    self.save("last")
+                    raise TrainingInterrupted(self.run_dir, self.step, self.epoch)
                 if self._done():
                     break
             if self.step_in_epoch < loader.batch_sampler.batches_per_epoch():
@@ -343,6 +347,8 @@ class Trainer:
             for cb in self.callbacks:
                 cb.on_epoch_end(self)
             self.save("last")
+            if stop_requested():
+                raise TrainingInterrupted(self.run_dir, self.step, self.epoch)
         return pd.DataFrame(self.history)
 
     def _done(self) -> bool:
