@@ -42,7 +42,7 @@ def build_config(args: argparse.Namespace) -> ExperimentConfig:
 
 
 def _add_config_args(p: argparse.ArgumentParser, default_preset: str = "demo") -> None:
-    p.add_argument("--preset", default=default_preset, help="f30k, coco, demo or vsepp (default: %(default)s)")
+    p.add_argument("--preset", default=default_preset, help="f30k, coco, demo, vsepp, f8k-cpu or f8k-cpu-vsepp (default: %(default)s)")
     p.add_argument("--config", help="an ExperimentConfig JSON file (instead of --preset)")
     p.add_argument("--data", help="data root holding the precomputed features")
     p.add_argument("--run-dir", help="where logs and checkpoints go")

@@ -38,6 +38,7 @@ from .config import ExperimentConfig
 from .data.precomp import collate_batch
 from .evaluate import evaluate, move_batch
 from .interrupt import TrainingInterrupted, stop_requested
+from .collapse_watch import CollapseWatch
 from .losses import check_collapse
 from .models.boosted import BoostedModel
 from .models.user import RetrievalModel, build_model
@@ -186,6 +187,7 @@ class Trainer:
         self.step_in_epoch = 0
         self.best_rsum = -math.inf
         self.history: list[dict[str, float]] = []
+        self.collapse_watch = CollapseWatch(margin=cfg.loss.margin)  # pos ~ neg ~ 1 for many steps
         self.step_log = CSVLog(self.run_dir / "train_log.csv", key="step")
         self.eval_log = CSVLog(self.run_dir / "eval_log.csv", key="epoch")
         self.writer = None
@@ -287,6 +289,7 @@ class Trainer:
         self.scaler.update()
         sim = outputs["sim"].detach().float()
         check_collapse(sim)
+        self.collapse_watch.update(sim, self.step)
         row = {"step": self.step, "epoch": self.epoch, "lr": self.optimizer.param_groups[0]["lr"],
                "loss": float(loss.total.detach()), "grad_norm": float(grad_norm),
                "pos_sim": float(sim.diag().mean()),
