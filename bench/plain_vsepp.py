@@ -121,7 +121,7 @@ def main() -> None:
             loss.backward()
             nn.utils.clip_grad_norm_(model.parameters(), 2.0)   # as VSE++'s grad_clip
             opt.step()
-            losses.append(float(loss))
+            losses.append(float(loss.detach()))
             stats.append(similarity_row(sim, 0.5))
         train_s = time.perf_counter() - t0
         df = evaluate(model, data.val, progress=False)

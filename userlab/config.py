@@ -94,6 +94,11 @@ class LossConfig:
     max_violation: bool = True          # VSE++ hardest negative (False: VSE0 sum)
     warmup_epochs: int = 0              # VSE0 (and DBL's sum forms) this many epochs, then hardest negatives
     temperature: float = 0.05           # InfoNCE
+    # Departure from the paper (off by default): UTO's gamma rises linearly from gamma_start to
+    # gamma over the first gamma_warmup_epochs, so that in-batch negatives, which start far
+    # below gamma = 0.5 on real features, give gradient from the first step (docs/real-data.md).
+    gamma_warmup_epochs: float = 0.0
+    gamma_start: float = 0.0
 
 
 @dataclass
@@ -261,6 +266,7 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
     positive("optim.epochs", cfg.optim.epochs)
     positive("optim.lr_step", cfg.optim.lr_step, allow_zero=True)
     positive("loss.mu", cfg.loss.mu)
+    positive("loss.gamma_warmup_epochs", cfg.loss.gamma_warmup_epochs, allow_zero=True)
     positive("boost.num_branches", cfg.boost.num_branches)
     if not 0.0 <= cfg.momentum.momentum <= 1.0:
         raise ConfigError("momentum.momentum", f"must lie in [0, 1], got {cfg.momentum.momentum}")

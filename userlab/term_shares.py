@@ -86,7 +86,7 @@ class _Recorder:
                    "share_batch_negative": norms["batch_negative"] / total,
                    "share_batch_positive": norms["batch_positive"] / total,
                    "share_queue": norms["queue"] / total,
-                   **similarity_row(outputs["sim"], self.gamma)}
+                   **similarity_row(outputs["sim"], getattr(tr.model, "current_gamma", self.gamma))}
             new = not self.path.is_file()
             self.path.parent.mkdir(parents=True, exist_ok=True)
             with open(self.path, "a", newline="") as fh:
