@@ -76,3 +76,20 @@ def test_trainer_flags_a_near_collapsed_run(tmp_path):
     with pytest.warns(CollapseWarning, match="near-collapse since step 0"):
         trainer.fit()
     assert trainer.collapse_watch.since_step == 0
+
+
+def test_f8k_vsepp_preset_uses_hardest_negatives_only_at_a_low_learning_rate():
+    """The recipe fix: VSE0 warm-up at 1e-3, hardest negatives (which near-collapsed at 1e-3 on
+    Flickr8k grid features) only once the lr has dropped to 2e-4 or below."""
+    from userlab.config import preset
+    from userlab.pipeline import lr_at_epoch
+    cfg = preset("f8k-cpu-vsepp")
+    assert cfg.loss.objective == "triplet" and not cfg.momentum.enabled and cfg.model.enhancement == "none"
+    lrs = [lr_at_epoch(cfg.optim.lr, e, cfg.optim.lr_step, cfg.optim.lr_decay) for e in range(cfg.optim.epochs)]
+    hardest = [lr for e, lr in enumerate(lrs) if e >= cfg.loss.warmup_epochs]
+    assert hardest and max(hardest) <= 2e-4 + 1e-12
+    user = preset("f8k-cpu")
+    assert user.model.enhancement == "sge+cge" and user.model.guide_dim == user.model.region_dim == 1280
+    assert user.model.num_regions == 49 and user.optim.epochs == cfg.optim.epochs
+    for name in ("region_dim", "num_regions", "embed_size", "mlp_hidden", "word_dim"):
+        assert getattr(user.model, name) == getattr(cfg.model, name)
