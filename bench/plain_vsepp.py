@@ -28,15 +28,19 @@ from torch.nn import functional as F
 class PlainImage(nn.Module):
     """``(B, R, D)`` regions -> mean over R -> Linear -> unit vector ``(B, E)``."""
 
-    def __init__(self, dim: int, embed: int):
+    def __init__(self, dim: int, embed: int, l2_input: bool = False):
         super().__init__()
+        self.l2_input = l2_input
         self.fc = nn.Linear(dim, embed)
         r = np.sqrt(6.0) / np.sqrt(dim + embed)   # VSE++'s Xavier init of the image FC
         nn.init.uniform_(self.fc.weight, -r, r)
         nn.init.zeros_(self.fc.bias)
 
     def forward(self, regions: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.fc(regions.mean(dim=1)), dim=-1)
+        pooled = regions.mean(dim=1)
+        if self.l2_input:   # unit-length pooled features (many precomputed-feature VSE++ setups)
+            pooled = F.normalize(pooled, dim=-1)
+        return F.normalize(self.fc(pooled), dim=-1)
 
 
 class PlainText(nn.Module):
@@ -56,9 +60,9 @@ class PlainText(nn.Module):
 
 
 class PlainVSE(nn.Module):
-    def __init__(self, dim: int, vocab_size: int, word_dim: int, embed: int):
+    def __init__(self, dim: int, vocab_size: int, word_dim: int, embed: int, l2_input: bool = False):
         super().__init__()
-        self.img = PlainImage(dim, embed)
+        self.img = PlainImage(dim, embed, l2_input)
         self.txt = PlainText(vocab_size, word_dim, embed)
 
     # the interface userlab.evaluate.encode_split expects
@@ -95,6 +99,7 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--train-max-images", type=int)
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--l2-input", action="store_true", help="L2-normalise the mean-pooled features")
     args = ap.parse_args()
 
     torch.manual_seed(args.seed)
@@ -102,7 +107,7 @@ def main() -> None:
     cfg.data.root, cfg.data.caption_augment = args.data, False
     cfg.data.train_max_images, cfg.data.batch_size = args.train_max_images, args.batch_size
     data = prepare_data(cfg)
-    model = PlainVSE(data.train.feature_dim, len(data.vocab), args.word_dim, args.embed)
+    model = PlainVSE(data.train.feature_dim, len(data.vocab), args.word_dim, args.embed, args.l2_input)
     opt = torch.optim.Adam(model.parameters(), lr=args.lr)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
