@@ -6,8 +6,10 @@ message naming the file or field on bad input (``--debug`` shows the traceback).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
+import warnings
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -40,7 +42,7 @@ def build_config(args: argparse.Namespace) -> ExperimentConfig:
 
 
 def _add_config_args(p: argparse.ArgumentParser, default_preset: str = "demo") -> None:
-    p.add_argument("--preset", default=default_preset, help="f30k, coco, demo or vsepp (default: %(default)s)")
+    p.add_argument("--preset", default=default_preset, help="f30k, coco, demo, vsepp, f8k-cpu or f8k-cpu-vsepp (default: %(default)s)")
     p.add_argument("--config", help="an ExperimentConfig JSON file (instead of --preset)")
     p.add_argument("--data", help="data root holding the precomputed features")
     p.add_argument("--run-dir", help="where logs and checkpoints go")
@@ -62,8 +64,10 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--smoke", action="store_true", help="tiny data and a few steps (seconds)")
 
     p = sub.add_parser("extract", help="region + guide features for your own images (SCAN layout)")
-    p.add_argument("--format", choices=["folder", "karpathy", "flickr", "coco"], default="folder",
-                   help="folder: your own '<image>\\t<caption>' file; karpathy/flickr/coco: public datasets")
+    p.add_argument("--format", choices=["folder", "karpathy", "flickr", "kaggle", "coco"], default="folder",
+                   help="folder: your own '<image>\\t<caption>' file; karpathy/flickr/coco: public "
+                        "datasets; kaggle: Kaggle's Flickr8k captions.txt ('image,caption' CSV, also "
+                        "read by --format flickr) with the official split lists")
     p.add_argument("--images", required=True, help="image folder")
     p.add_argument("--captions", required=True, nargs="+",
                    help="caption file(s); COCO takes captions_train2014.json captions_val2014.json")
@@ -86,7 +90,9 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-images", type=int)
     p.add_argument("--dtype", choices=["float32", "float16"], default="float32")
     p.add_argument("--restval", choices=["train", "separate"], default="train")
-    p.add_argument("--coco-val-split", choices=["dev", "test", "train"], default="dev")
+    p.add_argument("--coco-val-split", choices=["dev", "test", "train"], default="dev",
+                   help="COCO without --karpathy: the split of the val2014 images; without a dev "
+                        "split the last images of train become dev (a warning says how many)")
     p.add_argument("--splits", nargs="+", help="only these splits")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--device", default=None)
@@ -161,20 +167,30 @@ def _check_positive(value: Optional[int], option: str, allow_zero: bool = False)
         raise ConfigError(option, f"must be {'>= 0' if allow_zero else '>= 1'}, got {value}")
 
 
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     import pandas as pd
     from .experiment import fit_experiment
     _check_positive(args.max_steps, "--max-steps")
     _check_positive(args.checkpoint_every, "--checkpoint-every", allow_zero=True)
+    from .interrupt import graceful_stop
     cfg = build_config(args)
     if args.boost_schedule:
         cfg = cfg.replace(**{"boost.schedule": args.boost_schedule})
     if args.boost_strategy:
         cfg = cfg.replace(**{"boost.strategy": args.boost_strategy})
-    trainer = fit_experiment(cfg, resume=not args.no_resume, progress=not args.no_progress,
-                             max_steps=args.max_steps, checkpoint_every=args.checkpoint_every,
-                             tensorboard=args.tensorboard, allow_config_change=args.allow_config_change,
-                             allow_data_mismatch=args.allow_data_mismatch)
+    import os
+    # Under torchrun every rank gets the signal; ranks stopping at different steps would hang
+    # in the gradient all-reduce, so there the default (immediate) interrupt stays.
+    stop = graceful_stop() if int(os.environ.get("WORLD_SIZE", "1")) <= 1 else contextlib.nullcontext()
+    with stop:
+        from .train import PrintDevMetrics
+        trainer = fit_experiment(cfg, callbacks=[PrintDevMetrics()], resume=not args.no_resume,
+                                 progress=not args.no_progress, max_steps=args.max_steps,
+                                 checkpoint_every=args.checkpoint_every, tensorboard=args.tensorboard,
+                                 allow_config_change=args.allow_config_change,
+                                 allow_data_mismatch=args.allow_data_mismatch)
     history = pd.DataFrame(trainer.history)
     if trainer.rank == 0 and len(history):
         print(history.tail(1).to_string(index=False))
@@ -225,6 +241,8 @@ def cmd_extract(args: argparse.Namespace) -> int:
     else:
         from .data.extract import extract_dataset
         split_files = args.karpathy
+        if args.format == "kaggle":
+            args.format = "flickr"  # the flickr reader recognises the CSV by its header
         if args.format == "flickr" and not split_files:
             split_files = {s: f for s, f in (("train", args.train_list), ("dev", args.dev_list),
                                              ("test", args.test_list)) if f}
@@ -267,16 +285,36 @@ COMMANDS = {"diagnose": cmd_diagnose, "train": cmd_train, "eval": cmd_eval, "ext
             "ablate": cmd_ablate, "lab": cmd_lab}
 
 
+def _one_line_warning(message, category, filename, lineno, line=None) -> str:
+    """Warnings as ``userlab: <Category>: message`` (no file name and source line of the kit)."""
+    return f"userlab: {category.__name__}: {message}\n"
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    from .interrupt import TrainingInterrupted
     parser = make_parser()
     args = parser.parse_args(argv)
+    previous_format = warnings.formatwarning
+    if not args.debug:
+        warnings.formatwarning = _one_line_warning
     try:
         return COMMANDS[args.command](args)
+    except TrainingInterrupted as exc:
+        print(f"userlab {args.command}: {exc}", file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:
+        if args.debug:
+            raise
+        print(f"userlab {args.command}: interrupted; files are written atomically, so rerunning "
+              f"the same command resumes from the last completed checkpoint or chunk", file=sys.stderr)
+        return 130
     except UserlabError as exc:
         if args.debug:
             raise
         print(f"userlab {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    finally:
+        warnings.formatwarning = previous_format
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -73,6 +73,7 @@ def prepare_data(cfg: ExperimentConfig, splits: tuple[str, ...] = ("train", "val
         check_training_fits(cfg, len(train), int(os.environ.get("WORLD_SIZE", "1")), str(train.ims_path))
         check_features_match(cfg, train)
     if "val" in splits:
+        _check_val_split_exists(folder, cfg.data.val_split)
         val = PrecompDataset(folder, cfg.data.val_split, train=False, max_images=cfg.data.dev_max_images)
         check_features_match(cfg, val)
     for ds in (train, val):
@@ -87,6 +88,19 @@ def prepare_data(cfg: ExperimentConfig, splits: tuple[str, ...] = ("train", "val
         if ds is not None:
             ds.tokenizer = tokenizer
     return DataBundle(folder=folder, tokenizer=tokenizer, vocab=vocab, train=train, val=val)
+
+
+def _check_val_split_exists(folder: Path, split: str) -> None:
+    """A missing validation split: say which splits exist and the two ways on."""
+    ims = folder / f"{split}_ims.npy"
+    if ims.is_file():
+        return
+    others = sorted(p.name[:-len("_ims.npy")] for p in folder.glob("*_ims.npy"))
+    raise DataError(ims, f"region features file is missing (split '{split}' needs {ims.name} and "
+                         f"{split}_caps.txt; this folder has: {', '.join(others) or 'no split'}). "
+                         f"Re-extract with `userlab extract` (it writes a dev split, carved from "
+                         f"train when the captions have none), or validate on another split with "
+                         f"--set data.val_split=NAME (then that split is no longer held out)")
 
 
 def open_split(cfg: ExperimentConfig, split: str, tokenizer: Any, max_images: Optional[int] = None) -> PrecompDataset:

@@ -24,9 +24,10 @@ import json
 import math
 import os
 import random
+import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterable, Optional, Sequence
+from typing import Any, Iterable, Optional, Sequence
 
 import numpy as np
 import pandas as pd
@@ -40,6 +41,8 @@ from .data.precomp import collate_batch
 from .errors import ConfigError
 from .evaluate import evaluate, move_batch
 from .guard import FiniteGuard
+from .interrupt import TrainingInterrupted, stop_requested
+from .collapse_watch import CollapseWatch
 from .losses import check_collapse
 from .models.boosted import BoostedModel
 from .models.user import RetrievalModel, build_model
@@ -166,6 +169,20 @@ class Callback:
     def on_epoch_end(self, trainer: "Trainer") -> None: ...
 
 
+class PrintDevMetrics(Callback):
+    """Callback: one line of dev metrics after each evaluation (rank 0 only)."""
+
+    def on_eval(self, trainer, row) -> None:
+        if trainer.rank != 0:
+            return
+        best = max(trainer.best_rsum, row["rsum"])
+        tqdm.write(f"epoch {row['epoch']}/{trainer.cfg.optim.epochs} dev: rSum {row['rsum']:.1f} "
+                   f"(best {best:.1f}) | i2t R@1/5/10 {row['i2t_R@1']:.1f}/{row['i2t_R@5']:.1f}/"
+                   f"{row['i2t_R@10']:.1f} | t2i R@1/5/10 {row['t2i_R@1']:.1f}/{row['t2i_R@5']:.1f}/"
+                   f"{row['t2i_R@10']:.1f}", file=sys.stdout)
+        sys.stdout.flush()
+
+
 class CSVLog:
     """Append-only CSV with a fixed header; on resume, rows past the checkpoint are dropped."""
 
@@ -281,6 +298,9 @@ class Trainer:
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp == torch.float16)
         self.guard = FiniteGuard(cfg.optim.max_nonfinite_steps, self.scaler, self.world, self.amp)
         self.callbacks = list(callbacks)
+        # rows are read back to the host (a sync) only when logged or when a callback uses them
+        self.callbacks_want_rows = any(getattr(type(cb), "on_step", None) is not Callback.on_step
+                                       for cb in self.callbacks)
         self.progress = progress and self.rank == 0
         self.max_steps = max_steps
         self.checkpoint_every = checkpoint_every
@@ -290,6 +310,7 @@ class Trainer:
         self.step_in_epoch = 0
         self.best_rsum = -math.inf
         self.history: list[dict[str, float]] = []
+        self.collapse_watch = CollapseWatch(margin=cfg.loss.margin)  # pos ~ neg ~ 1 for many steps
         self.step_log = CSVLog(self.run_dir / "train_log.csv", key="step")
         self.eval_log = CSVLog(self.run_dir / "eval_log.csv", key="epoch")
         self.writer = None
@@ -482,6 +503,7 @@ class Trainer:
             return None
         sim = outputs["sim"].detach().float()
         check_collapse(sim)
+        self.collapse_watch.update(sim, self.step)   # counts the steps that make a row
         diag_sum = sim.diagonal().sum()
         names = list(loss.terms)
         values = torch.stack([t.detach().float().reshape(()) for t in (
@@ -543,7 +565,7 @@ class Trainer:
                 if hasattr(self.model, "set_progress"):
                     self.model.set_progress(self.step, total_steps)
                 log_due = self.rank == 0 and ((self.step + 1) % cfg.log_every == 0 or self.step_in_epoch == 0)
-                row = self.train_step(batch, with_row=log_due or bool(self.callbacks))
+                row = self.train_step(batch, with_row=log_due or self.callbacks_want_rows)
                 self.step += 1
                 self.step_in_epoch += 1
                 if row is not None:
@@ -558,6 +580,9 @@ class Trainer:
                     bar.set_postfix(loss=f"{row['loss']:.3f}", lr=f"{lr:.1e}")
                 if self.checkpoint_every and self.step % self.checkpoint_every == 0:
                     self.save("last")
+                if stop_requested():  # Ctrl-C under `userlab train`: save between steps, stop
+                    self.save("last")
+                    raise TrainingInterrupted(self.run_dir, self.step, self.epoch)
                 if self._done():
                     break
             if self.step_in_epoch < loader.batch_sampler.batches_per_epoch():
@@ -570,6 +595,8 @@ class Trainer:
             for cb in self.callbacks:
                 cb.on_epoch_end(self)
             self.save("last")
+            if stop_requested():
+                raise TrainingInterrupted(self.run_dir, self.step, self.epoch)
         if self.writer is not None:
             self.writer.flush()
         return pd.DataFrame(self.history)

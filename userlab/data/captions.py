@@ -46,6 +46,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -258,18 +259,19 @@ def read_flickr_tokens(path: str | os.PathLike,
             an image in two splits, fewer than 5 or empty captions.
     """
     _check_restval(restval)
-    assignment = _flickr_split_lists(split_files, restval)
     path = Path(path)
     lines = _read_text_lines(path, "token")
-    per_image: dict[str, list[tuple[int, int, str]]] = {}
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        key, sep, caption = line.partition("\t")
-        match = _TOKEN_KEY.match(key.strip())
-        if not sep or match is None:
-            raise DataError(path, f"line {number} is not '<image>#<n>\\t<caption>': {line[:80]!r}")
-        per_image.setdefault(match["name"], []).append((int(match["n"]), number, caption))
+    kaggle = _is_kaggle_csv(lines)
+    if split_files is None or (isinstance(split_files, Mapping) and not split_files):
+        if kaggle:
+            raise ConfigError("split_files", f"{path.name} is a Kaggle-style 'image,caption' CSV, "
+                                             "which carries no split: pass the official lists "
+                                             "(--train-list Flickr_8k.trainImages.txt --dev-list "
+                                             "Flickr_8k.devImages.txt --test-list "
+                                             "Flickr_8k.testImages.txt) or --karpathy "
+                                             "dataset_flickr8k.json")
+    assignment = _flickr_split_lists(split_files, restval)
+    per_image = _kaggle_captions(lines, path) if kaggle else _token_captions(lines, path)
     if not per_image:
         raise DataError(path, "no captions found")
     position = {name: k for k, name in enumerate(per_image)}
@@ -288,6 +290,53 @@ def read_flickr_tokens(path: str | os.PathLike,
             splits.setdefault(split, []).append(CaptionedImage(name, position[name], caps))
     _raise_caption_problems(path, too_few, empty)
     return _ordered(splits)
+
+
+def _token_captions(lines: list[str], path: Path) -> dict[str, list[tuple[int, int, str]]]:
+    """``<image>#<n>\\t<caption>`` lines -> image -> ``[(n, line number, caption)]``."""
+    per_image: dict[str, list[tuple[int, int, str]]] = {}
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        key, sep, caption = line.partition("\t")
+        match = _TOKEN_KEY.match(key.strip())
+        if not sep or match is None:
+            hint = ("; a CSV needs the header line 'image,caption' (Kaggle's captions.txt)"
+                    if "," in line and not sep else "")
+            raise DataError(path, f"line {number} is not '<image>#<n>\\t<caption>': {line[:80]!r}{hint}")
+        per_image.setdefault(match["name"], []).append((int(match["n"]), number, caption))
+    return per_image
+
+
+def _is_kaggle_csv(lines: list[str]) -> bool:
+    """Kaggle's Flickr8k ``captions.txt`` starts with the header ``image,caption``."""
+    first = next((ln for ln in lines if ln.strip()), "")
+    return first.replace(" ", "").lower() == "image,caption"
+
+
+def _kaggle_captions(lines: list[str], path: Path) -> dict[str, list[tuple[int, int, str]]]:
+    """Kaggle's ``image,caption`` CSV (header, captions quoted when they hold commas) ->
+    image -> ``[(order, line number, caption)]``; captions keep file order."""
+    import csv
+
+    per_image: dict[str, list[tuple[int, int, str]]] = {}
+    reader = csv.reader(lines)
+    next(reader, None)  # the header
+    for row in reader:
+        number = reader.line_num
+        if not row or not any(cell.strip() for cell in row):
+            continue
+        if len(row) != 2 or not row[0].strip():
+            raise DataError(path, f"line {number} is not 'image,caption' (a CSV row of two fields; "
+                                  f"quote captions that hold commas): {','.join(row)[:80]!r}")
+        name, caption = row[0].strip(), row[1]
+        # Kaggle's copy has names like '1000268201_693b08cb0e.jpg#0' nowhere, but accept them.
+        match = _TOKEN_KEY.match(name)
+        if match is not None:
+            name = match["name"]
+        entries = per_image.setdefault(name, [])
+        entries.append((len(entries), number, caption))
+    return per_image
 
 
 def _flickr_split_lists(split_files, restval: str) -> dict[str, list[str]]:
@@ -312,6 +361,15 @@ def _flickr_split_lists(split_files, restval: str) -> dict[str, list[str]]:
         names = [ln.strip() for ln in _read_text_lines(list_path, f"{split} image list") if ln.strip()]
         if not names:
             raise DataError(list_path, f"the {split} image list is empty")
+        same_as = next((other for other, listed in out.items() if listed == names), None)
+        if same_as is not None:
+            # e.g. the dev list passed again as test (Flickr8k without its test images):
+            # allowed, and extraction computes the images once (see extract._derived_splits).
+            warnings.warn(f"the {split} list {list_path.name} names exactly the {same_as} "
+                          f"images: '{split}' is a copy of '{same_as}', not held-out data",
+                          stacklevel=4)
+            out[split] = list(names)
+            continue
         twice = [n for n in names if n in seen]
         if twice:
             raise DataError(list_path, f"{len(twice)} image(s) are also in the {seen[twice[0]]} "

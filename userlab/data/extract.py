@@ -348,13 +348,53 @@ def _remove_temporaries(folder: Path, prefix: str = ".") -> None:
 
 
 def _derived_splits(splits: CaptionSplits) -> dict[str, tuple[str, int]]:
-    """COCO's ``test`` (1K) is the head of ``testall`` (5K): it is cut from testall's chunks
-    instead of being extracted twice."""
-    test, testall = splits.get("test"), splits.get("testall")
-    if test and testall and len(test) <= len(testall) and all(
-            a.path == b.path for a, b in zip(test, testall)):
-        return {"test": ("testall", len(test))}
-    return {}
+    """Splits that are the head of another are cut from its chunks instead of being extracted
+    twice: COCO's ``test`` (1K) of ``testall`` (5K), or a ``test`` list that repeats ``dev``."""
+    out = {}
+    for small, big in (("test", "testall"), ("test", "dev")):
+        head, whole = splits.get(small), splits.get(big)
+        if small not in out and head and whole and len(head) <= len(whole) and all(
+                a.path == b.path for a, b in zip(head, whole)):
+            out[small] = (big, len(head))
+    return out
+
+
+#: Without a dev split, ``userlab train`` has nothing to select checkpoints on: this many images
+#: at most (and a tenth of train at most) are moved from the end of train to a new ``dev`` split.
+CARVED_DEV_MAX = 1000
+
+
+def _carve_dev_split(table: CaptionSplits) -> CaptionSplits:
+    """``dev`` from the last images of ``train`` when the captions define no dev split (COCO
+    with ``coco_val_split`` "test" or "train", Flickr lists without a dev list)."""
+    train = table.get("train", [])
+    if "dev" in table or len(train) < 2:
+        return table
+    k = max(1, min(CARVED_DEV_MAX, len(train) // 10))
+    warnings.warn(f"the captions define no dev split: the last {k} of the {len(train)} train images "
+                  f"form 'dev' (and are not trained on), so `userlab train` can select checkpoints; "
+                  f"pass a dev list or a Karpathy split file to choose dev yourself", stacklevel=3)
+    carved = dict(table, train=train[:-k], dev=train[-k:])
+    order = ("train", "restval", "dev")
+    return {**{s: carved[s] for s in order if s in carved},
+            **{s: v for s, v in carved.items() if s not in order}}
+
+
+def _missing_per_split(wanted: CaptionSplits, missing: set[str], image_root, source
+                       ) -> dict[str, list[str]]:
+    """Missing images of each split; a split left with no image at all is an error (training
+    on it would fail later, far from the cause: usually a wrong ``--images`` folder)."""
+    out = {}
+    for split, items in wanted.items():
+        gone = [it.path for it in items if it.path in missing]
+        out[split] = gone
+        if items and len(gone) == len(items):
+            example = Path(image_root) / items[0].path
+            raise DataError(image_root, f"none of the {len(items)} images of split '{split}' named "
+                                        f"in {Path(source).name} is in this folder (e.g. {example} "
+                                        f"does not exist): check --images; an empty split cannot "
+                                        f"be trained on or evaluated")
+    return out
 
 
 def _load_boxes_file(boxes_file, splits: CaptionSplits) -> dict[str, np.ndarray]:
@@ -466,10 +506,17 @@ def extract_dataset(format: str, captions_path, image_root: str | os.PathLike,
             raise ConfigError("splits", f"{', '.join(unknown)} not in this dataset "
                                         f"(it has {', '.join(table)})")
         table = {s: v for s, v in table.items() if s in splits}
+    else:
+        table = _carve_dev_split(table)
     if max_images is not None:
         table = {s: v[:max_images] for s, v in table.items()}
     source = captions_path[0] if isinstance(captions_path, (list, tuple)) else captions_path
-    table, missing = locate_images(table, image_root, source, skip_missing=skip_missing)
+    wanted = table
+    table, missing = locate_images(table, image_root, source, skip_missing=True)
+    # An emptied split (wrong folder) is named first: "pass --skip-missing" would not help.
+    missing_in = _missing_per_split(wanted, set(missing), image_root, source)
+    if missing and not skip_missing:
+        locate_images(wanted, image_root, source, skip_missing=False)  # raises, listing them
     if missing:
         warnings.warn(f"{len(missing)} missing image(s) left out: {name_list(missing)}", stacklevel=2)
     box_table = _load_boxes_file(boxes_file, table) if regions == "boxes" else {}
@@ -525,9 +572,12 @@ def extract_dataset(format: str, captions_path, image_root: str | os.PathLike,
             _remove_temporaries(precomp, f".{name}_")
             sub = [it for it, good in zip(split.items[:lead], ok[:lead]) if good]
             _write_split_files(precomp, name, sub, image_root, chunk_dir, n_chunks, runner, np_dtype)
-        atomic_write_text(marker, json.dumps({"fingerprint": done_fp, "outputs": sorted(outputs),
-                                              "images": len(kept), "left_out": [p for p, _ in bad]},
-                                             indent=1) + "\n")
+        not_found = missing_in.get(split.name, [])
+        atomic_write_text(marker, json.dumps({
+            "fingerprint": done_fp, "outputs": sorted(outputs), "images": len(kept),
+            "left_out": not_found + [p for p, _ in bad],
+            "missing": not_found, "unreadable": [f"{p} ({why})" for p, why in bad]},
+            indent=1) + "\n")
         shutil.rmtree(chunk_dir)
     chunks_root = precomp / CHUNK_DIR
     if chunks_root.is_dir() and not any(chunks_root.iterdir()):

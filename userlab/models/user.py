@@ -54,6 +54,17 @@ class RetrievalModel(nn.Module):
             self.image_queue = MomentumQueue(cfg.model.embed_size, cfg.momentum.queue_size)
             self.text_queue = MomentumQueue(cfg.model.embed_size, cfg.momentum.queue_size)
         self.max_violation = cfg.loss.max_violation
+        self.current_gamma = cfg.loss.gamma   # loss.gamma_warmup_epochs ramps it (set_progress)
+
+    def set_progress(self, step: int, total_steps: int) -> None:
+        """Called by the Trainer before each step: UTO's gamma warm-up (off by default)."""
+        loss = self.cfg.loss
+        if loss.gamma_warmup_epochs <= 0:
+            self.current_gamma = loss.gamma
+            return
+        warm_steps = loss.gamma_warmup_epochs * total_steps / max(1, self.cfg.optim.epochs)
+        frac = min(1.0, step / max(1.0, warm_steps))
+        self.current_gamma = loss.gamma_start + (loss.gamma - loss.gamma_start) * frac
 
     # -- encoding (what evaluation and notebooks use) ----------------------------------------
     def encode_image(self, batch: dict[str, torch.Tensor]):
@@ -100,13 +111,13 @@ class RetrievalModel(nn.Module):
                 loss = unified_objective(
                     sim, img.embedding, txt.embedding, keys[0], keys[1],
                     self.image_queue.keys.clone(), self.text_queue.keys.clone(),
-                    mu=loss_cfg.mu, gamma=loss_cfg.gamma, lambda_batch=loss_cfg.lambda_batch,
+                    mu=loss_cfg.mu, gamma=self.current_gamma, lambda_batch=loss_cfg.lambda_batch,
                     queue_mask=masks)
                 self.image_queue.enqueue(keys[0], ids)
                 self.text_queue.enqueue(keys[1], ids)
             else:
                 loss = unified_objective(sim, img.embedding, txt.embedding, None, None, None, None,
-                                         mu=loss_cfg.mu, gamma=loss_cfg.gamma,
+                                         mu=loss_cfg.mu, gamma=self.current_gamma,
                                          lambda_batch=loss_cfg.lambda_batch)
         elif loss_cfg.objective == "triplet":
             loss = triplet_loss(sim, margin=loss_cfg.margin, max_violation=self.max_violation)
