@@ -334,6 +334,7 @@ RANGES: dict[str, Range] = {
     "loss.margin": _r(0, 2, why="cosines differ by at most 2; negative trains backwards"),
     "loss.warmup_epochs": _r(0, why="epochs of VSE0 before hardest negatives"),
     "loss.gamma_warmup_epochs": _r(0, why="epochs over which UTO's gamma ramps up (0: off, as the paper)"),
+    "loss.gamma_start": _r(-1, 1, why="UTO's gamma at the start of its warm-up (a cosine threshold)"),
     "loss.temperature": _r(1e-4, 1e4, why="InfoNCE temperature; tiny values overflow"),
     "optim.lr": _r(0, lo_open=True, why="a negative or zero lr trains backwards or not at all; "
                                          "divergence at a high lr is caught by the finite guard"),
