@@ -509,27 +509,11 @@ def preset(name: str) -> ExperimentConfig:
         cfg.optim.epochs, cfg.optim.lr_step = 25, 15
         return cfg
     if name in ("demo", "vsepp"):
-        cfg = ExperimentConfig()
-        cfg.data.root = "data/demo"
-        cfg.data.batch_size = 128
-        cfg.data.dev_max_images = None
-        cfg.model.region_dim = 1280
-        cfg.model.num_regions = 12
-        cfg.model.embed_size = 256
-        cfg.model.guide_dim = 1280
-        cfg.model.mlp_hidden = 256
-        cfg.model.word_dim = 128
-        cfg.model.enhancement = "sge+cge"   # full USER: what the demo table calls USER
-        cfg.momentum.queue_size = 1024
-        cfg.optim.lr = 1e-3
+        cfg = _cpu_sized("data/demo", num_regions=12, vsepp=name == "vsepp")
         cfg.optim.epochs, cfg.optim.lr_step = 2, 0
-        cfg.run_dir = "runs/demo_user"
+        cfg.run_dir = "runs/demo_vsepp" if name == "vsepp" else "runs/demo_user"
         if name == "vsepp":
-            cfg.model.enhancement = "none"
-            cfg.momentum.enabled = False
-            cfg.loss.objective = "triplet"
             cfg.loss.warmup_epochs = 1
-            cfg.run_dir = "runs/demo_vsepp"
         return validate(cfg)
     if name in ("f8k-cpu", "f8k-cpu-vsepp"):
         return _f8k_cpu(vsepp=name.endswith("vsepp"))
@@ -551,27 +535,34 @@ def _f8k_cpu(vsepp: bool) -> ExperimentConfig:
     2·B·margin); from a random start, or after a short VSE0 warm-up at 2e-4, they crowd more
     slowly but still. See docs/real-data.md for the measurements behind these choices.
     """
+    cfg = _cpu_sized("data/f8k", num_regions=49, vsepp=vsepp)
+    cfg.optim.epochs, cfg.optim.lr_step = 6, 4
+    cfg.run_dir = "runs/f8k_vsepp" if vsepp else "runs/f8k_user"
+    if vsepp:
+        cfg.loss.warmup_epochs = 2
+        cfg.optim.lr_step, cfg.optim.lr_decay = 2, 0.2
+    return validate(cfg)
+
+
+def _cpu_sized(root: str, num_regions: int, vsepp: bool) -> ExperimentConfig:
+    """The CPU presets' shared shape: 1280-d regions and guide (the kit's EfficientNet-Lite0),
+    embed 256, batch 128, lr 1e-3, queues of 1024; full USER (SGE + CGE + queues + UTO), or with
+    ``vsepp`` the VSE++ baseline (no enhancement, no queues, hardest-negative triplet)."""
     cfg = ExperimentConfig()
-    cfg.data.root = "data/f8k"
+    cfg.data.root = root
     cfg.data.batch_size = 128
     cfg.data.dev_max_images = None
     cfg.model.region_dim = 1280
-    cfg.model.num_regions = 49
+    cfg.model.num_regions = num_regions
     cfg.model.embed_size = 256
     cfg.model.guide_dim = 1280
     cfg.model.mlp_hidden = 256
     cfg.model.word_dim = 128
-    cfg.model.enhancement = "sge+cge"
+    cfg.model.enhancement = "sge+cge"   # full USER: what the tables call USER
     cfg.momentum.queue_size = 1024
     cfg.optim.lr = 1e-3
-    cfg.optim.epochs, cfg.optim.lr_step = 6, 4
-    cfg.run_dir = "runs/f8k_user"
     if vsepp:
         cfg.model.enhancement = "none"
         cfg.momentum.enabled = False
         cfg.loss.objective = "triplet"
-        cfg.loss.warmup_epochs = 2
-        cfg.optim.lr = 1e-3
-        cfg.optim.lr_step, cfg.optim.lr_decay = 2, 0.2
-        cfg.run_dir = "runs/f8k_vsepp"
-    return validate(cfg)
+    return cfg
