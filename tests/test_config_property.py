@@ -59,6 +59,7 @@ PLAUSIBLE: dict[str, st.SearchStrategy] = {
     "model.gpo_dim": st.integers(1, 16),
     "model.word_dim": st.integers(1, 24),
     "model.text_dropout": _f(0, 0.99),
+    "model.attention_norm": st.sampled_from(["none", "l2"]),
     "model.vocab_size": st.integers(0, 50),   # filled in from the vocabulary whatever it says
     "model.text_encoder": st.sampled_from(["gru", "transformer"]),
     "momentum.enabled": st.booleans(),
@@ -73,6 +74,8 @@ PLAUSIBLE: dict[str, st.SearchStrategy] = {
     "loss.max_violation": st.booleans(),
     "loss.warmup_epochs": st.integers(0, 3),
     "loss.temperature": _f(1e-4, 1e4),
+    "loss.gamma_warmup_epochs": _f(0, 3),
+    "loss.gamma_start": _f(-1, 1),
     "optim.lr": _f(1e-8, 1.0),
     "optim.text_lr_scale": _f(0, 10),
     "optim.weight_decay": _f(0, 1),
