@@ -115,29 +115,32 @@ viz.save(fig, "03_worst_failures", figures_dir())
 from userlab import diagnostics as dg
 from userlab.data.scenes import load_scenes
 
-scenes = load_scenes(test.folder, "test")[: sims.shape[0]]
-partner = dg.twin_partners([s["twin_of"] for s in scenes], sims.shape[0])
-twins = dg.twin_confusion(sims, partner)
-for direction, t in twins.items():
-    share = t["share_of_errors"]
-    if t["errors"] == 0:
-        print(f"{direction}: no top-1 errors")
-        continue
-    lift = share / t["chance"]
-    verdict = ("most failures are twin confusions" if share >= 0.5 else
-               "twins are a sizeable minority of the failures" if share >= 0.1 else
-               "twins are a small part of the failures: most wrong answers are other scenes")
-    print(f"{direction}: {t['to_twin']} of {t['errors']} wrong top-1 answers ({100 * share:.1f}%) are the "
-          f"query's twin, {lift:.0f}x the {100 * t['chance']:.2f}% of a random wrong answer; on queries "
-          f"that have a twin, {100 * t['share_of_twin_query_errors']:.1f}% of errors -> {verdict}")
-i2t_ranks = retrieval_ranks(sims)[0].cpu().numpy()
-worst = np.argsort(-i2t_ranks, kind="stable")[:4]
-top1 = (sims.argmax(1) // (sims.shape[1] // sims.shape[0])).numpy()
-for q in worst:
-    kind = scenes[q]["twin_kind"] or (scenes[partner[q]]["twin_kind"] if partner[q] >= 0 else None)
-    print(f"worst query image {q}: twin {partner[q] if partner[q] >= 0 else 'none'}"
-          f"{f' ({kind})' if kind else ''}, top-1 caption belongs to image {top1[q]}"
-          f"{' = its twin' if partner[q] >= 0 and top1[q] == partner[q] else ''}")
+if not lesson.demo:   # twins exist only in the demo scenes
+    print("no scene descriptions here (own data): no twins to measure")
+else:
+    scenes = load_scenes(test.folder, "test")[: sims.shape[0]]
+    partner = dg.twin_partners([s["twin_of"] for s in scenes], sims.shape[0])
+    twins = dg.twin_confusion(sims, partner)
+    for direction, t in twins.items():
+        share = t["share_of_errors"]
+        if t["errors"] == 0:
+            print(f"{direction}: no top-1 errors")
+            continue
+        lift = share / t["chance"]
+        verdict = ("most failures are twin confusions" if share >= 0.5 else
+                   "twins are a sizeable minority of the failures" if share >= 0.1 else
+                   "twins are a small part of the failures: most wrong answers are other scenes")
+        print(f"{direction}: {t['to_twin']} of {t['errors']} wrong top-1 answers ({100 * share:.1f}%) are the "
+              f"query's twin, {lift:.0f}x the {100 * t['chance']:.2f}% of a random wrong answer; on queries "
+              f"that have a twin, {100 * t['share_of_twin_query_errors']:.1f}% of errors -> {verdict}")
+    i2t_ranks = retrieval_ranks(sims)[0].cpu().numpy()
+    worst = np.argsort(-i2t_ranks, kind="stable")[:4]
+    top1 = (sims.argmax(1) // (sims.shape[1] // sims.shape[0])).numpy()
+    for q in worst:
+        kind = scenes[q]["twin_kind"] or (scenes[partner[q]]["twin_kind"] if partner[q] >= 0 else None)
+        print(f"worst query image {q}: twin {partner[q] if partner[q] >= 0 else 'none'}"
+              f"{f' ({kind})' if kind else ''}, top-1 caption belongs to image {top1[q]}"
+              f"{' = its twin' if partner[q] >= 0 and top1[q] == partner[q] else ''}")
 
 # %% [markdown]
 # ## Diagnostics

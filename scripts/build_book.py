@@ -97,7 +97,8 @@ def execute(path: Path, out: Path, smoke: bool, params: dict, timeout: int) -> t
     inject_parameters(nb, **params)
     env_before = dict(os.environ)
     os.environ["USERLAB_SMOKE"] = "1" if smoke else "0"
-    os.environ.setdefault("MPLBACKEND", "module://matplotlib_inline.backend_inline")
+    # the book needs inline figures, whatever backend the calling process chose (tests pick Agg)
+    os.environ["MPLBACKEND"] = "module://matplotlib_inline.backend_inline"
     os.environ["PYTHONPATH"] = str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")
     started, cpu = time.perf_counter(), _cpu_seconds()
     try:
