@@ -86,6 +86,25 @@ def test_trains_once_then_reuses_and_reuses_a_run_trained_elsewhere(tiny, monkey
     assert done.trained and is_finished(done.run_dir, third)
 
 
+def test_a_reused_run_trained_with_a_relative_root_reads_the_lessons_data(tiny, monkeypatch):
+    """make demo trains from the repo root with data.root = "data/demo"; a notebook kernel runs
+    in notebooks/ (or a book's build folder), where that relative path names nothing."""
+    cfg, runs = tiny
+    data = Path(cfg.data.root)
+    monkeypatch.chdir(data.parent)
+    trained = cfg.replace(**{"data.root": data.name, "run_dir": str(runs / "demo_like")})
+    experiment.fit_experiment(trained, progress=False)
+    monkeypatch.chdir(runs.parent.parent)        # somewhere the relative root does not resolve
+    assert not (Path.cwd() / data.name / "train_ims.npy").exists()
+    reused = fit_cached(cfg, runs, progress=False, base=data.parent)
+    assert not reused.trained and reused.run_dir == runs / "demo_like"
+    loaded = reused.load()
+    assert Path(loaded.cfg.data.root) == data
+    from userlab.runs import encode_run
+    img, cap, split = encode_run(loaded, split="dev")
+    assert img.shape[0] == split.num_images and cap.shape[0] == len(split.captions)
+
+
 def test_recorded_margins_come_back_and_a_run_without_them_is_trained(tiny, monkeypatch):
     cfg, runs = tiny
     calls = _count_trainings(monkeypatch)

@@ -142,7 +142,11 @@ class CachedRun:
         """The run's checkpoint as a :class:`userlab.runs.LoadedRun` (cached per tag)."""
         from .runs import load_run
         if tag not in self._loaded:
-            self._loaded[tag] = load_run(self.run_dir, tag=tag, device=device)
+            run = load_run(self.run_dir, tag=tag, device=device)
+            # a reused run may have been trained from another working folder (make demo's
+            # relative "data/demo"); read the data from where the requesting lesson found it
+            run.cfg = run.cfg.replace(**{"data.root": self.cfg.data.root})
+            self._loaded[tag] = run
         return self._loaded[tag]
 
     def trainer(self):
