@@ -644,6 +644,8 @@ def plot_ablation(df: pd.DataFrame, metrics: Sequence[str] = SUMMARY_METRICS):
     import matplotlib.pyplot as plt
     import seaborn as sns
 
+    from . import viz
+
     summarize(df, metrics)  # same column checks
     sns.set_theme(context="notebook", style="whitegrid", palette="colorblind")
     strategies = [s for s in STRATEGY_NAMES if s in set(df["strategy"])]
@@ -663,8 +665,10 @@ def plot_ablation(df: pd.DataFrame, metrics: Sequence[str] = SUMMARY_METRICS):
         ax.set(xlabel="", ylabel=_LABELS.get(metric, metric), title=f"test {_LABELS.get(metric, metric)}")
         ax.tick_params(axis="x", rotation=25)
         legend = ax.get_legend()
-        if legend is not None and ax is not axes[0][-1]:
+        if legend is not None:
             legend.remove()
+            if ax is axes[0][-1]:   # one legend, beside the last panel, where it hides no data
+                viz.legend_outside(ax, title="backbone")
     n_seeds = df.groupby(["backbone", "strategy"]).size().max()
     fig.suptitle(f"ablation: mean ± sd over seeds (up to {n_seeds} per cell)", fontsize=11)
     fig.tight_layout()
