@@ -202,7 +202,8 @@ for name, labels in scene_labels.items():
 # ## 7. Interactive browsers
 # Move the sliders: the retrieval browser shows the top-k for an image or a caption (type one in
 # the text box; unknown words are flagged), the attention explorer switches checkpoints, the
-# margin explorer steps through epochs.
+# margin explorer steps through epochs, judging each query by the threshold of the objective the
+# three models were trained with (the line above its sliders names it; the slider moves its value).
 
 # %%
 sims = similarity(img, cap).cpu()
@@ -217,7 +218,7 @@ explorer = lesson.attention_explorer(test, attention, n_show)   # boxes or grid 
 explorer.widget
 
 # %%
-margins = widgets.MarginExplorer(records)
+margins = widgets.MarginExplorer(records, threshold)   # section 4's rule, from the models' configs
 margins.widget
 
 # %% [markdown]

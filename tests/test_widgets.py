@@ -15,7 +15,8 @@ import torch
 
 from userlab import viz
 from userlab.data.text import Vocabulary, WordTokenizer
-from userlab.errors import ConfigError
+from userlab.config import preset
+from userlab.errors import ConfigError, DataError
 from userlab.widgets import ALL, AttentionExplorer, MarginExplorer, RetrievalBrowser, make_caption_encoder
 
 HIT = mcolors.to_rgba(viz.HIT_COLOUR)
@@ -165,10 +166,14 @@ def test_attention_explorer_grid_and_shape_errors():
         AttentionExplorer(None, None, {"SGE": w, "CGE": np.ones((2, 5))}, grid=(2, 3))
 
 
+def _margin_records(seed: int, epochs) -> pd.DataFrame:
+    rng = np.random.default_rng(seed)
+    return pd.concat([viz.margin_records(0.3 * rng.standard_normal((5, 25)) + 0.1 * e, e) for e in epochs])
+
+
 def test_margin_explorer_follows_epoch_and_threshold():
-    rng = np.random.default_rng(4)
-    records = pd.concat([viz.margin_records(rng.standard_normal((5, 25)) + e, e) for e in (0, 2, 4)])
-    explorer = MarginExplorer(records, render=False)
+    records = _margin_records(4, (0, 2, 4))
+    explorer = MarginExplorer(records, 0.2, render=False)     # a plain float: the rule margin < t
     assert explorer.controls["epoch"].options == (0, 2, 4)
     first = explorer.figure
     explorer.controls["epoch"].value = 4
@@ -182,15 +187,50 @@ def test_margin_explorer_follows_epoch_and_threshold():
     assert f"{rate:.1f}%" in explorer.status.value
 
 
+def test_margin_explorer_judges_by_the_objective_the_model_was_trained_with():
+    records = _margin_records(6, (0, 1))
+    last = records[records["epoch"] == 1]
+    user = preset("demo")                      # unified objective: hardest negative > γ
+    user.loss.gamma = 0.35                     # a γ no default could guess
+    for threshold in (viz.objective_threshold(user), user):     # the rule, or the config itself
+        explorer = MarginExplorer(records, threshold, render=False)
+        explorer.controls["epoch"].value = 1
+        assert explorer.controls["threshold"].value == pytest.approx(0.35)
+        assert explorer.controls["threshold"].description == "γ"
+        hard = last["hardest_negative"].to_numpy()
+        rate = 100.0 * np.mean(hard > 0.35)
+        assert 0 < rate < 100                  # the data straddles γ: the rule decides the number
+        ax = explorer.figure.axes[0]
+        assert ax.get_title() == f"epoch 1: hardest negative > 0.35 for {rate:.1f}%"
+        assert ax.get_xlabel() == "hardest negative similarity"
+        line = next(l for l in ax.get_lines() if l.get_gid() == "threshold")
+        assert line.get_xdata()[0] == pytest.approx(0.35)
+        assert "UTO γ = 0.35" in explorer.objective.value and "unified objective" in explorer.objective.value
+        assert explorer.objective in explorer.widget.children
+        assert f"hardest negative &gt; 0.35 for {rate:.1f}%" in explorer.status.value
+    explorer.controls["threshold"].value = 0.5   # the slider moves γ; the rule stays
+    assert explorer.figure.axes[0].get_title().startswith("epoch 1: hardest negative > 0.5 for")
+    assert "UTO γ = 0.5 (trained with 0.35)" in explorer.objective.value
+
+    vsepp = preset("vsepp")                    # triplet objective: margin < the triplet margin
+    explorer = MarginExplorer(records, viz.objective_threshold(vsepp), render=False)
+    assert explorer.controls["threshold"].value == pytest.approx(vsepp.loss.margin)
+    assert explorer.controls["threshold"].description == "margin"
+    assert "triplet margin 0.2" in explorer.objective.value
+    with pytest.raises(DataError, match="hardest_negative"):
+        MarginExplorer(records.drop(columns="hardest_negative"), user, render=False)
+
+
 # --------------------------------------------------------------------------- behaviour in JupyterLab
 
 def _browsers():
     rng = np.random.default_rng(5)
     records = pd.concat([viz.margin_records(rng.standard_normal((4, 20)) + e, e) for e in (0, 1)])
+    threshold = viz.objective_threshold(preset("demo"))
     boxes = np.tile([[0, 0, 10, 10], [5, 5, 20, 20]], (3, 1, 1)).astype(float)
     return [RetrievalBrowser(rng.uniform(size=(1000, 5000)), _dataset(1000), render=False),
             AttentionExplorer(None, boxes, {"SGE": rng.uniform(size=(3, 2))}, render=False),
-            MarginExplorer(records, render=False)]
+            MarginExplorer(records, threshold, render=False)]
 
 
 def test_sliders_report_on_release_only():
@@ -248,5 +288,5 @@ def test_every_error_is_shown_in_the_widget_not_raised():
     assert browser.error is None and browser.details.value == "" and browser.figure is not good
 
     records = pd.DataFrame({"epoch": [0, 0], "margin": [0.1, "oops"]})   # a bad column
-    explorer = MarginExplorer(records, render=False)
+    explorer = MarginExplorer(records, 0.2, render=False)
     assert explorer.error is not None and explorer.error.__class__.__name__ in explorer.status.value

@@ -672,13 +672,31 @@ class ObjectiveThreshold:
         v = np.asarray(values, dtype=np.float64)
         return v > self.value if self.column == "hardest_negative" else v < self.value
 
+    def with_value(self, value: float) -> "ObjectiveThreshold":
+        """The same rule at another value (a slider moving γ or the margin), label to match."""
+        return ObjectiveThreshold(self.objective, self.column, float(value),
+                                  _threshold_label(self.objective, float(value)))
+
+
+def _threshold_label(objective: str, value: float) -> str:
+    """What the dashed line of ``objective`` at ``value`` is, in words."""
+    if objective == "uto":
+        return f"UTO γ = {value:g}"
+    if objective == "triplet":
+        return f"triplet margin {value:g}"
+    if objective == "margin":
+        return f"margin {value:g}"
+    if value == 0.0:
+        return f"{objective}: no threshold, 0 = R@1 miss"
+    return f"{objective}: margin {value:g}"
+
 
 def as_threshold(threshold: "float | ObjectiveThreshold") -> ObjectiveThreshold:
     """A float ``t`` is the margin rule ``margin < t``; an :class:`ObjectiveThreshold` stays."""
     if isinstance(threshold, ObjectiveThreshold):
         return threshold
     value = float(threshold)
-    return ObjectiveThreshold("margin", "margin", value, f"margin {value:g}")
+    return ObjectiveThreshold("margin", "margin", value, _threshold_label("margin", value))
 
 
 def objective_threshold(*configs: Any) -> ObjectiveThreshold:
@@ -698,14 +716,13 @@ def objective_threshold(*configs: Any) -> ObjectiveThreshold:
     for cfg in configs:
         loss = cfg.loss
         if loss.objective == "uto":
-            found.append(ObjectiveThreshold("uto", "hardest_negative", float(loss.gamma),
-                                            f"UTO γ = {float(loss.gamma):g}"))
+            column, value = "hardest_negative", float(loss.gamma)
         elif loss.objective == "triplet":
-            found.append(ObjectiveThreshold("triplet", "margin", float(loss.margin),
-                                            f"triplet margin {float(loss.margin):g}"))
+            column, value = "margin", float(loss.margin)
         else:
-            found.append(ObjectiveThreshold(str(loss.objective), "margin", 0.0,
-                                            f"{loss.objective}: no threshold, 0 = R@1 miss"))
+            column, value = "margin", 0.0
+        found.append(ObjectiveThreshold(str(loss.objective), column, value,
+                                        _threshold_label(str(loss.objective), value)))
     if len(set(found)) > 1:
         raise ConfigError("configs", "models trained with different objectives ("
                           + "; ".join(sorted({t.label for t in found}))

@@ -28,7 +28,8 @@ notebooks and VS Code without any matplotlib backend magic. How they behave in J
   caption is scored against every image.
 - :class:`AttentionExplorer`: slide over images, toggle between attention maps (SGE / CGE /
   none checkpoints) or show them side by side.
-- :class:`MarginExplorer`: slide over epochs of margin records.
+- :class:`MarginExplorer`: slide over epochs of margin records, judged by the threshold of the
+  objective the model was trained with (:func:`userlab.viz.objective_threshold`).
 - :func:`make_caption_encoder`: the ``encode_caption`` callback for a trained model.
 """
 from __future__ import annotations
@@ -451,40 +452,74 @@ class AttentionExplorer(_FigureBrowser):
 # ---------------------------------------------------------------------------------------------
 # margins
 # ---------------------------------------------------------------------------------------------
-class MarginExplorer(_FigureBrowser):
-    """Slide over the epochs of margin records (see :func:`userlab.viz.margin_records`).
+_OBJECTIVE_WORDS = {
+    "uto": "USER's unified objective pushes a negative down while its similarity exceeds γ: a "
+           "query violates while its hardest negative is above γ",
+    "triplet": "the triplet objective (VSE++ / DBL) keeps a query's hinge active while its margin "
+               "(positive − hardest negative) is below the triplet margin",
+}
 
-    Controls: ``epoch`` (a selection slider over the epochs present) and ``threshold`` (the
-    margin below which a query counts as violating; 0.2 = DBL's γ).
+
+class MarginExplorer(_FigureBrowser):
+    """Slide over the epochs of margin records (see :func:`userlab.viz.margin_records`), judged
+    by the threshold of the objective the model was trained with.
+
+    The threshold is :func:`userlab.viz.objective_threshold` of the model's config: USER (unified
+    objective) violates while a query's hardest negative similarity exceeds γ (0.5 in the
+    presets), VSE++ / DBL (triplet) while its margin is below the triplet margin (0.2). The line
+    above the controls names it. The ``threshold`` slider moves the value, the rule stays.
+
+    Controls: ``epoch`` (a selection slider over the epochs present) and ``threshold`` (described
+    as γ for the unified objective, margin for the triplet one).
 
     Args:
-        records: DataFrame with ``epoch``, ``margin`` and optionally ``model`` / ``branch``.
-        threshold: initial threshold.
+        records: DataFrame with ``epoch``, ``margin``, ``hardest_negative`` (one row per query)
+            and optionally ``model`` / ``branch``.
+        threshold: ``viz.objective_threshold(cfg)`` of the trained model(s), the config itself
+            (anything with a ``loss`` section), or a float ``t`` (the plain rule ``margin < t``).
         render: see :class:`_FigureBrowser`.
     """
 
-    def __init__(self, records: pd.DataFrame, threshold: float = 0.2, render: bool = True):
+    def __init__(self, records: pd.DataFrame, threshold: "viz.ObjectiveThreshold | float | Any",
+                 render: bool = True):
         super().__init__(render)
-        if "epoch" not in records.columns or "margin" not in records.columns:
-            raise DataError(None, "margin records need 'epoch' and 'margin' columns "
+        self.trained = (viz.objective_threshold(threshold) if hasattr(threshold, "loss")
+                        else viz.as_threshold(threshold))
+        needed = {"epoch", "margin", self.trained.column}
+        if not needed <= set(records.columns):
+            raise DataError(None, f"margin records need columns {', '.join(sorted(needed))} "
                                   "(build them with userlab.viz.margin_records)")
         self.records = records
         epochs = sorted(records["epoch"].unique().tolist())
         if not epochs:
             raise DataError(None, "margin records are empty")
+        name = {"uto": "γ", "triplet": "margin"}.get(self.trained.objective, "threshold")
+        self.objective = widgets.HTML(value=self._objective_text(self.trained))
         self.controls = {
             "epoch": slider(widgets.SelectionSlider, options=epochs, value=epochs[0], description="epoch"),
-            "threshold": slider(widgets.FloatSlider, value=float(threshold), min=-1.0, max=1.0, step=0.05,
-                                description="threshold"),
+            "threshold": slider(widgets.FloatSlider, value=self.trained.value, min=-1.0, max=1.0, step=0.05,
+                                description=name),
         }
         for control in self.controls.values():
             control.observe(self.update, names="value")
-        self._assemble([widgets.HBox(list(self.controls.values()))])
+        self._assemble([self.objective, widgets.HBox(list(self.controls.values()))])
         self.update()
 
+    def _objective_text(self, rule: "viz.ObjectiveThreshold") -> str:
+        why = _OBJECTIVE_WORDS.get(rule.objective, "")
+        moved = "" if rule.value == self.trained.value else f" (trained with {self.trained.value:g})"
+        return html.escape(f"threshold of the training objective: {rule.label}{moved}; violation: "
+                           f"{rule.rule}" + (f". {why}." if why else ""))
+
+    @property
+    def threshold(self) -> "viz.ObjectiveThreshold":
+        """The rule at the slider's value."""
+        return self.trained.with_value(self.controls["threshold"].value)
+
     def _draw(self) -> plt.Figure:
-        epoch, threshold = self.controls["epoch"].value, self.controls["threshold"].value
-        rates = viz.violation_table(self.records[self.records["epoch"] == epoch], threshold)
-        self.status.value = (f"epoch {epoch}: {100 * rates['violation_rate'].mean():.1f}% of queries "
-                             f"have margin &lt; {threshold:g}")
-        return viz.plot_margin_epoch(self.records, epoch, threshold)
+        epoch, rule = self.controls["epoch"].value, self.threshold
+        rates = viz.violation_table(self.records[self.records["epoch"] == epoch], rule)
+        self.objective.value = self._objective_text(rule)
+        self.status.value = html.escape(f"epoch {epoch}: {rule.rule} for "
+                                        f"{100 * rates['violation_rate'].mean():.1f}% of queries")
+        return viz.plot_margin_epoch(self.records, epoch, rule)
