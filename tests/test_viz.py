@@ -474,6 +474,59 @@ def _tick_values(axis) -> list[float]:
     return [t for t in axis.get_major_locator()() if lo - 1e-9 <= t <= hi + 1e-9]
 
 
+_WHOLE_NUMBER_LABELS = ("epoch", "step", "rank", "key age", "keys", "same-image keys")
+
+
+def _assert_whole_number_axes(fig) -> int:
+    """Every axis labelled with an epoch, step, rank or count has only whole-number ticks;
+    returns how many such axes there were."""
+    checked = 0
+    for ax in fig.axes:
+        for axis in (ax.xaxis, ax.yaxis):
+            label = axis.get_label().get_text()
+            if label.startswith(_WHOLE_NUMBER_LABELS):
+                ticks = _tick_values(axis)
+                assert ticks and all(float(t).is_integer() for t in ticks), (ax.get_title(), label, ticks)
+                checked += 1
+    return checked
+
+
+def test_live_curves_draw_steps_and_epochs_on_whole_numbers(tmp_path):
+    from userlab.notebook import LiveCurves
+    live = LiveCurves(every=1)
+    for step in range(4):            # four logged steps: a plain locator ticks 0.5, 1.5, ...
+        live.on_step(None, {"step": step, "epoch": 0, "loss_batch": 1.0 / (step + 1), "loss_queue": 0.5})
+    live.on_eval(None, {"epoch": 1, "rsum": 10.0})
+    first = live.figure
+    steps, epochs = first.axes[:2]
+    assert (steps.get_xlabel(), epochs.get_xlabel()) == ("step", "epoch")
+    assert _tick_values(epochs.xaxis) == [1.0]                   # one epoch: one tick, not 0.95 ... 1.05
+    assert _tick_values(steps.xaxis) == [0.0, 1.0, 2.0, 3.0]
+    for epoch, rsum in ((2, 15.0), (3, 18.0)):
+        live.on_eval(None, {"epoch": epoch, "rsum": rsum})
+    fig = live.figure
+    assert _tick_values(fig.axes[1].xaxis) == [1.0, 2.0, 3.0]   # a plain locator: 1.0, 1.25, 1.5, ...
+    np.testing.assert_allclose(fig.axes[1].lines[0].get_ydata(), [10.0, 15.0, 18.0])
+    assert [l.get_label() for l in fig.axes[0].lines] == ["batch", "queue"]
+    assert _assert_whole_number_axes(fig) == 2
+    # a reused run draws its logs once, through the same panels
+    pd.DataFrame(live.steps).to_csv(tmp_path / "train_log.csv", index=False)
+    pd.DataFrame(live.evals).to_csv(tmp_path / "eval_log.csv", index=False)
+    reused = LiveCurves()
+    assert reused.load(tmp_path / "records") and _assert_whole_number_axes(reused.figure) == 2
+    assert first not in [plt.figure(n) for n in plt.get_fignums()]   # a redraw closes the one it replaces
+
+
+def test_every_epoch_step_and_rank_axis_of_viz_has_whole_number_ticks():
+    logs = {"USER": pd.DataFrame({"step": np.arange(4), "loss_batch": np.linspace(2, 1, 4)})}
+    evals = {"USER": pd.DataFrame({"epoch": [1, 2, 3], "rsum": [5.0, 9.0, 12.0]})}
+    figures = [viz.plot_loss_terms(logs), viz.plot_dev_rsum(evals),
+               viz.plot_training_curves(logs["USER"], evals["USER"]),
+               viz.plot_margin_distributions(_margin_records(["anchor", "target"]), 0.2),
+               viz.plot_gpo_weights({"SGE": np.full(5, 0.2)})]
+    assert [_assert_whole_number_axes(f) for f in figures] == [1, 1, 2, 2, 1]
+
+
 def test_epoch_and_rank_ticks_are_integers():
     records = _margin_records(["anchor", "target"])          # epochs stored as floats 1.0, 2.0, 3.0
     fig = viz.plot_margin_distributions(records, 0.2)

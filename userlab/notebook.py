@@ -80,10 +80,11 @@ class LiveCurves:
     Args:
         every: redraw every this many logged steps (and after each evaluation).
         terms: loss terms to draw (default: every ``loss_*`` key the model reports).
+        name: the run's model, for its colour in the rSum panel.
     """
 
-    def __init__(self, every: int = 20, terms: Optional[list[str]] = None):
-        self.every, self.terms = every, terms
+    def __init__(self, every: int = 20, terms: Optional[list[str]] = None, name: str = "USER"):
+        self.every, self.terms, self.name = every, terms, name
         self.steps: list[dict] = []
         self.evals: list[dict] = []
         self.figure = None
@@ -113,22 +114,16 @@ class LiveCurves:
         return True
 
     def draw(self):
+        """Redraw both panels with :func:`userlab.viz.plot_training_curves` (steps and epochs on
+        whole-number ticks, as in every figure of :mod:`userlab.viz`)."""
         import matplotlib.pyplot as plt
         import pandas as pd
-        steps = pd.DataFrame(self.steps)
+
+        from . import viz
         if self.figure is not None:
             plt.close(self.figure)
-        fig, (a, b) = plt.subplots(1, 2, figsize=(11, 3.5))
-        terms = self.terms or [c for c in steps.columns if c.startswith("loss_")] or ["loss"]
-        for term in terms:
-            a.plot(steps["step"], steps[term].rolling(5, min_periods=1).mean(), label=term.removeprefix("loss_"))
-        a.set(xlabel="step", title="loss terms")
-        a.legend(fontsize=8)
-        if self.evals:
-            ev = pd.DataFrame(self.evals)
-            b.plot(ev["epoch"], ev["rsum"], marker="o")
-        b.set(xlabel="epoch", ylabel="dev rSum", title="validation")
-        fig.tight_layout()
+        fig = viz.plot_training_curves(pd.DataFrame(self.steps), pd.DataFrame(self.evals), name=self.name,
+                                       terms=self.terms)
         self.figure = fig
         try:
             from IPython.display import clear_output, display

@@ -2,7 +2,8 @@
 
 Groups:
 
-- runs: :func:`plot_loss_terms`, :func:`plot_dev_rsum`, :func:`plot_recall_bars`
+- runs: :func:`plot_loss_terms`, :func:`plot_dev_rsum`, :func:`plot_training_curves` (one run
+  while it trains, drawn by :class:`userlab.notebook.LiveCurves`), :func:`plot_recall_bars`
   (one panel per protocol), :func:`demo_figures`;
 - attention: :func:`plot_region_attention` (weighted boxes), :func:`plot_grid_attention`
   (heat map over a feature grid), :func:`plot_gpo_weights`, :func:`plot_attention_comparison`
@@ -54,7 +55,8 @@ __all__ = [
     "colour_word_palette", "ObjectiveThreshold", "objective_threshold", "as_threshold",
     "snapshot_queue", "plot_queues", "modality_gap", "plot_colour_scatter", "plot_pair_similarity",
     "plot_probe",
-    "save", "read_logs", "plot_loss_terms", "plot_dev_rsum", "plot_recall_bars", "demo_figures",
+    "save", "read_logs", "plot_loss_terms", "plot_dev_rsum", "plot_training_curves",
+    "plot_recall_bars", "demo_figures",
     "attention_weights", "plot_region_attention", "plot_grid_attention", "plot_gpo_weights",
     "plot_attention_comparison",
     "margin_records", "violation_table", "plot_margin_distributions", "plot_margin_epoch",
@@ -269,6 +271,31 @@ def read_logs(run_dir: str | os.PathLike) -> tuple[pd.DataFrame, pd.DataFrame]:
     return train, dev
 
 
+def _loss_panel(ax: plt.Axes, log: pd.DataFrame, smooth: int, terms: Optional[Sequence[str]] = None,
+                title: Optional[str] = None) -> None:
+    """One line per loss term over the logged steps (``loss_*`` columns unless ``terms``)."""
+    terms = list(terms or [c for c in log.columns if c.startswith("loss_")] or ["loss"])
+    for term in terms:
+        ax.plot(log["step"], log[term].rolling(smooth, min_periods=1).mean(), label=term.removeprefix("loss_"))
+    ax.set(title=title, xlabel="step", ylabel="loss")
+    integer_ticks(ax, "x")
+    legend_outside(ax, title="term")
+
+
+def _rsum_panel(ax: plt.Axes, eval_logs: Mapping[str, pd.DataFrame], legend: bool = True,
+                title: str = "validation rSum") -> None:
+    """Dev rSum per epoch, one line per run in its model colour; epochs on whole-number ticks."""
+    palette = palette_for(eval_logs, strict=False)
+    for name in hue_order(eval_logs):
+        log = eval_logs[name]
+        if len(log):
+            ax.plot(log["epoch"], log["rsum"], marker="o", label=name, color=palette[name])
+    ax.set(xlabel="epoch", ylabel="dev rSum", title=title)
+    integer_ticks(ax, "x")
+    if legend:
+        legend_outside(ax)
+
+
 def plot_loss_terms(train_logs: Mapping[str, pd.DataFrame], smooth: int = 5) -> plt.Figure:
     """Training curves: one panel per run, one line per loss term (``loss_*`` columns)."""
     _style()
@@ -278,12 +305,7 @@ def plot_loss_terms(train_logs: Mapping[str, pd.DataFrame], smooth: int = 5) -> 
         if not len(log):
             ax.set(title=f"{name} (no log)")
             continue
-        terms = [c for c in log.columns if c.startswith("loss_")] or ["loss"]
-        for term in terms:
-            ax.plot(log["step"], log[term].rolling(smooth, min_periods=1).mean(), label=term.removeprefix("loss_"))
-        ax.set(title=name, xlabel="step", ylabel="loss")
-        integer_ticks(ax, "x")
-        legend_outside(ax, title="term")
+        _loss_panel(ax, log, smooth, title=name)
     fig.tight_layout()
     return fig
 
@@ -292,14 +314,33 @@ def plot_dev_rsum(eval_logs: Mapping[str, pd.DataFrame]) -> plt.Figure:
     """Dev rSum per epoch of several runs on one axis."""
     _style()
     fig, ax = plt.subplots(figsize=(5.5, 3.6))
-    palette = palette_for(eval_logs, strict=False)
-    for name in hue_order(eval_logs):
-        log = eval_logs[name]
-        if len(log):
-            ax.plot(log["epoch"], log["rsum"], marker="o", label=name, color=palette[name])
-    ax.set(xlabel="epoch", ylabel="dev rSum", title="validation rSum")
-    integer_ticks(ax, "x")
-    legend_outside(ax)
+    _rsum_panel(ax, eval_logs)
+    fig.tight_layout()
+    return fig
+
+
+def plot_training_curves(train_log: pd.DataFrame, eval_log: pd.DataFrame, name: str = "USER",
+                         terms: Optional[Sequence[str]] = None, smooth: int = 5) -> plt.Figure:
+    """One run while it trains: loss terms per step (left), dev rSum per epoch (right).
+
+    What :class:`userlab.notebook.LiveCurves` redraws; the panels are those of
+    :func:`plot_loss_terms` and :func:`plot_dev_rsum` (steps and epochs on whole-number ticks).
+
+    Args:
+        train_log: rows of ``train_log.csv`` so far (``step`` and ``loss_*`` columns); may be empty.
+        eval_log: rows of ``eval_log.csv`` so far (``epoch``, ``rsum``); may be empty.
+        name: the run's model, for its colour.
+        terms: loss columns to draw (default every ``loss_*`` column, else ``loss``).
+        smooth: rolling-mean window over logged steps.
+    """
+    _style()
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 3.5))
+    if len(train_log):
+        _loss_panel(a, train_log, smooth, terms, title="loss terms")
+    else:
+        a.set(title="loss terms (nothing logged yet)", xlabel="step")
+        integer_ticks(a, "x")
+    _rsum_panel(b, {name: eval_log}, legend=False, title=f"validation ({name})")
     fig.tight_layout()
     return fig
 
