@@ -31,7 +31,7 @@ import matplotlib.pyplot as plt
 
 from userlab import viz
 from userlab.notebook import SMOKE, LiveCurves, figures_dir, open_lesson
-from userlab.pipeline import prepare_data
+from userlab.pipeline import describe_optim, prepare_data
 from userlab.data.precomp import collate_batch
 from userlab.models.user import RetrievalModel
 from userlab.losses import batch_hal_loss
@@ -135,19 +135,24 @@ assert torch.isfinite(q_neg).all() and 0.0 <= (same_keys > 0).mean() <= 1.0
 
 # %% [markdown]
 # ## 3. The Trainer with live curves
-# AdamW, step decay, gradient clipping at 2.0, dev evaluation each epoch (rSum), best checkpoint,
-# CSV logs in `run_dir`, AMP on a GPU. `lesson.fit` first looks for a finished run made with this
-# very config (`make demo` trained it as `runs/demo_user`) and loads it, drawing its logged
-# curves; only a config never trained before is trained here (`Trainer(cfg).fit()`, with a
-# progress bar, resumable) and cached in `runs/cache/<config hash>`.
+# The `Trainer` optimises with AdamW on the recipe of `cfg.optim`; the cell below prints that
+# recipe for this config (`describe_optim`: the learning rate of every epoch as the Trainer sets
+# it, constant when `optim.lr_step = 0`, weight decay, gradient clipping, autocast). It keeps the
+# best checkpoint by dev rSum and writes CSV logs into `run_dir`. `lesson.fit` first looks for a
+# finished run made with this very config (`make demo` trained it as `runs/demo_user`) and loads
+# it, drawing its logged curves; only a config never trained before is trained here
+# (`Trainer(cfg).fit()`, with a progress bar, resumable) and cached in `runs/cache/<config hash>`.
 
 # %%
+print("optimisation:", describe_optim(cfg))
 live = LiveCurves(every=10)
 run = lesson.fit(cfg, callbacks=[live])
 run.history
 
 # %%
 train_log, eval_log = viz.read_logs(run.run_dir)
+print("lr the run logged, per epoch:", train_log.groupby("epoch")["lr"].first().rename(lambda e: int(e) + 1).to_dict()
+      if "lr" in train_log else "(no train log)")
 fig = viz.plot_loss_terms({"USER": train_log})
 viz.save(fig, "02_loss_terms", figures_dir())
 

@@ -15,7 +15,8 @@ import torch
 
 from tiny import tiny_config, tiny_data
 from userlab import checkpoint as ckpt
-from userlab.pipeline import EpochBatchSampler, lr_at_epoch
+from userlab.config import preset
+from userlab.pipeline import EpochBatchSampler, describe_lr_schedule, describe_optim, lr_at_epoch
 from userlab.train import Trainer, load_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -27,6 +28,27 @@ def test_lr_schedule_and_step_zero_means_no_decay():
     assert lr_at_epoch(1.0, 10, 10, 0.1) == pytest.approx(0.1)
     assert lr_at_epoch(1.0, 25, 10, 0.1) == pytest.approx(0.01)
     assert lr_at_epoch(1.0, 100, 0, 0.1) == 1.0
+
+
+def test_schedule_in_words_follows_the_config():
+    demo = preset("demo")                                  # the notebooks' preset: lr_step = 0
+    assert describe_lr_schedule(demo) == "constant lr 0.001 for 2 epochs"
+    said = describe_optim(demo)
+    assert said.startswith("AdamW (weight decay 0.0001), constant lr 0.001 for 2 epochs, gradient norm clipped at 2")
+    assert "decay" not in said.replace("weight decay", "")
+    assert describe_lr_schedule(preset("f30k")) == "lr 0.0005 in epochs 1-10, x0.1 after epoch 10: 5e-05 in epochs 11-20"
+    assert describe_lr_schedule(preset("f8k-cpu-vsepp")) == (
+        "lr 0.001 in epochs 1-2, x0.2 after epoch 2: 0.0002 in epochs 3-4, x0.2 after epoch 4: 4e-05 in epochs 5-6")
+    late = demo.replace(**{"optim.lr_step": 5})            # a step the run never reaches
+    assert describe_lr_schedule(late) == "constant lr 0.001 for 2 epochs (the x0.1 step after epoch 5 lies beyond the run)"
+    one = demo.replace(**{"optim.epochs": 1, "eval_every": 3, "optim.amp": "off"})
+    assert describe_lr_schedule(one) == "constant lr 0.001 for 1 epoch"
+    assert describe_optim(one).endswith("float32 throughout (optim.amp = 'off'), dev rSum every 3 epochs and after the last")
+    for epochs, step, decay in [(7, 3, 0.5), (4, 1, 0.1), (5, 2, 1.0)]:   # every epoch's lr is in the words
+        cfg = demo.replace(**{"optim.epochs": epochs, "optim.lr_step": step, "optim.lr_decay": decay})
+        words = describe_lr_schedule(cfg)
+        for e in range(epochs):
+            assert f"{lr_at_epoch(1e-3, e, step, decay):g}" in words, (words, e)
 
 
 def test_epoch_sampler_is_a_function_of_seed_and_epoch():
@@ -59,6 +81,9 @@ def test_training_writes_logs_checkpoints_and_loads_back(tmp_path):
     # lr decays by 10x at epoch 2 (lr_step = 2)
     assert log[log.epoch == 0].lr.iloc[0] == pytest.approx(1e-3)
     assert log[log.epoch == 2].lr.iloc[0] == pytest.approx(1e-4)
+    # the sentence the notebooks print is the schedule the Trainer ran
+    assert describe_lr_schedule(cfg) == "lr 0.001 in epochs 1-2, x0.1 after epoch 2: 0.0001 in epoch 3"
+    assert log.groupby("epoch").lr.first().tolist() == pytest.approx([1e-3, 1e-3, 1e-4])
     best = ckpt.find_checkpoint(tmp_path / "run", "best")
     state = ckpt.load_train_state(best)          # weights_only=True
     assert "image_queue" in state["momentum"] and int(state["momentum"]["image_queue"]["ptr"]) >= 0

@@ -164,3 +164,56 @@ def steps_per_epoch(n_captions: int, batch_size: int, world: int = 1) -> int:
 def lr_at_epoch(lr: float, epoch: int, step: int, decay: float) -> float:
     """Step decay: ``lr * decay ** (epoch // step)``; ``step == 0`` means no decay."""
     return lr if step == 0 else lr * decay ** math.floor(epoch / step)
+
+
+_AMP_WORDS = {"auto": "autocast where the device has it (optim.amp = 'auto': bf16/fp16 on CUDA, "
+                      "bf16 on CPUs with native bf16)",
+              "off": "float32 throughout (optim.amp = 'off')",
+              "bf16": "bf16 autocast", "fp16": "fp16 autocast (CUDA)"}
+
+
+def _epochs(first: int, last: int) -> str:
+    return f"epoch {first}" if first == last else f"epochs {first}-{last}"
+
+
+def describe_lr_schedule(cfg: ExperimentConfig) -> str:
+    """The learning rate of every epoch of ``cfg`` in words, as the Trainer will set it.
+
+    Each epoch's rate comes from :func:`lr_at_epoch`, the function :meth:`Trainer.set_lr` calls,
+    so the words cannot drift from the schedule that runs. Epochs are counted from 1.
+
+    Returns:
+        e.g. ``"constant lr 0.001 for 2 epochs"``, or ``"lr 0.0005 in epochs 1-10, x0.1 after
+        epoch 10: 5e-05 in epochs 11-20"``.
+    """
+    o = cfg.optim
+    segments: list[list] = []                    # [first epoch, last epoch, lr], 1-based
+    for epoch in range(o.epochs):
+        lr = lr_at_epoch(o.lr, epoch, o.lr_step, o.lr_decay)
+        if segments and math.isclose(segments[-1][2], lr, rel_tol=1e-9):
+            segments[-1][1] = epoch + 1
+        else:
+            segments.append([epoch + 1, epoch + 1, lr])
+    if len(segments) == 1:
+        text = f"constant lr {o.lr:g} for {o.epochs} epoch{'s' if o.epochs != 1 else ''}"
+        if o.lr_step and o.lr_decay != 1.0:
+            text += f" (the x{o.lr_decay:g} step after epoch {o.lr_step} lies beyond the run)"
+    else:
+        first, last, lr = segments[0]
+        text = ", ".join([f"lr {lr:g} in {_epochs(first, last)}"] + [
+            f"x{o.lr_decay:g} after epoch {first - 1}: {lr:g} in {_epochs(first, last)}"
+            for first, last, lr in segments[1:]])
+    if cfg.model.text_encoder == "transformer":
+        text += f" (the text backbone at x{o.text_lr_scale:g})"
+    return text
+
+
+def describe_optim(cfg: ExperimentConfig) -> str:
+    """The optimisation recipe of ``cfg`` in one sentence: AdamW's weight decay, the learning-rate
+    schedule (:func:`describe_lr_schedule`), gradient clipping, autocast and dev evaluations."""
+    o = cfg.optim
+    evals = ("after every epoch" if cfg.eval_every == 1
+             else f"every {cfg.eval_every} epochs and after the last")
+    return (f"AdamW (weight decay {o.weight_decay:g}), {describe_lr_schedule(cfg)}, gradient norm "
+            f"clipped at {o.grad_clip:g}, {_AMP_WORDS.get(o.amp, f'optim.amp = {o.amp!r}')}, "
+            f"dev rSum {evals}")
