@@ -145,7 +145,9 @@ assert torch.isfinite(q_neg).all() and 0.0 <= (same_keys > 0).mean() <= 1.0
 
 # %%
 print("optimisation:", describe_optim(cfg))
-live = LiveCurves(every=10)
+
+# %%
+live = LiveCurves(every=10)   # redraws clear this cell's output
 run = lesson.fit(cfg, callbacks=[live])
 run.history
 
