@@ -23,8 +23,8 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import re
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -35,7 +35,6 @@ from typing import Optional, Sequence
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = ROOT / "notebooks"
 PARAMETER_NAMES = ("data_dir", "runs_dir", "device")
-EDITIONS = ("student", "teacher")
 #: MathJax 2.7 from the ``jupyter-server-mathjax`` package, copied to ``site/<MATHJAX_DIR>``. The
 #: pages sit at the site's root (``use_directory_urls: false``), so the URL is relative to them.
 #: ``-full`` bundles the TeX input and the HTML-CSS output (STIX web fonts, shipped too).
@@ -72,13 +71,13 @@ plugins:
 """
 
 
-def notebook_paths(only: Optional[Sequence[str]] = None, folder: Path = NOTEBOOKS) -> list[Path]:
-    """The lesson notebooks of ``folder`` in order; ``only`` keeps those whose name starts with one of them."""
-    paths = sorted(Path(folder).glob("[0-9][0-9]_*.ipynb"))
+def notebook_paths(only: Optional[Sequence[str]] = None) -> list[Path]:
+    """The lesson notebooks in order; ``only`` keeps those whose name starts with one of them."""
+    paths = sorted(NOTEBOOKS.glob("[0-9][0-9]_*.ipynb"))
     if only:
         paths = [p for p in paths if any(p.stem.startswith(o) for o in only)]
         if not paths:
-            raise SystemExit(f"no notebook matches {list(only)} in {folder}")
+            raise SystemExit(f"no notebook matches {list(only)} in {NOTEBOOKS}")
     return paths
 
 

@@ -205,7 +205,7 @@ def test_margin_explorer_judges_by_the_objective_the_model_was_trained_with():
         assert ax.get_xlabel() == "hardest negative similarity"
         line = next(l for l in ax.get_lines() if l.get_gid() == "threshold")
         assert line.get_xdata()[0] == pytest.approx(0.35)
-        assert "UTO γ = 0.35" in explorer.objective.value and "unified objective" in explorer.objective.value
+        assert "UTO γ = 0.35;" in explorer.objective.value and "unified objective" in explorer.objective.value
         assert explorer.objective in explorer.widget.children
         assert f"hardest negative &gt; 0.35 for {rate:.1f}%" in explorer.status.value
     explorer.controls["threshold"].value = 0.5   # the slider moves γ; the rule stays

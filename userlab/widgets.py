@@ -507,7 +507,8 @@ class MarginExplorer(_FigureBrowser):
 
     def _objective_text(self, rule: "viz.ObjectiveThreshold") -> str:
         why = _OBJECTIVE_WORDS.get(rule.objective, "")
-        moved = "" if rule.value == self.trained.value else f" (trained with {self.trained.value:g})"
+        moved = ("" if abs(rule.value - self.trained.value) < 1e-9   # a slider may send back 0.35000000000000003
+                 else f" (trained with {self.trained.value:g})")
         return html.escape(f"threshold of the training objective: {rule.label}{moved}; violation: "
                            f"{rule.rule}" + (f". {why}." if why else ""))
 
