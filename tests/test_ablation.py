@@ -276,3 +276,17 @@ def test_train_subset_keeps_the_first_images_and_links_the_rest(tmp_path):
     assert (out / "precomp" / "subset.json").stat().st_mtime_ns == stamp
     with pytest.raises(Exception, match="train_images=99"):
         make_train_subset(root, tmp_path / "sub2", 99)
+
+
+def test_triplet_cells_drop_the_lr_when_their_vse0_warm_up_ends(tmp_path):
+    """On the constant-lr demo base, the triplet backbones follow the VSE++ preset's recipe (lr x0.2
+    once hardest negatives start); the UTO backbones keep the demo's constant lr."""
+    from userlab.pipeline import lr_at_epoch
+    grid = ablation.default_grid(data_root=str(tmp_path / "d"), out_dir=str(tmp_path / "out"))
+    for backbone in BACKBONES:
+        cfg = grid.config(backbone, "none", 1)
+        lrs = [lr_at_epoch(cfg.optim.lr, e, cfg.optim.lr_step, cfg.optim.lr_decay) for e in range(cfg.optim.epochs)]
+        if cfg.loss.objective == "triplet":
+            assert cfg.loss.warmup_epochs == 1 and lrs == pytest.approx([1e-3, 2e-4])
+        else:
+            assert lrs == pytest.approx([1e-3, 1e-3])

@@ -303,3 +303,22 @@ def write_ranges_doc() -> None:
 
 if __name__ == "__main__":
     write_ranges_doc()
+
+
+@pytest.mark.parametrize("epochs, warm, lrs", [(1, 1, [1e-3]), (2, 1, [1e-3, 2e-4]),
+                                                 (4, 2, [1e-3, 1e-3, 2e-4, 2e-4]),
+                                                 (6, 3, [1e-3] * 3 + [2e-4] * 3)])
+def test_triplet_schedule_is_vse0_then_hardest_negatives_at_a_fifth_of_the_lr(epochs, warm, lrs):
+    from userlab.config import triplet_schedule
+    from userlab.pipeline import lr_at_epoch
+    cfg = triplet_schedule(preset("vsepp"), epochs)
+    got = [lr_at_epoch(cfg.optim.lr, e, cfg.optim.lr_step, cfg.optim.lr_decay) for e in range(epochs)]
+    assert cfg.optim.epochs == epochs and cfg.loss.warmup_epochs == warm
+    assert got == pytest.approx(lrs)
+
+
+def test_vsepp_presets_use_the_triplet_schedule():
+    demo, f8k = preset("vsepp"), preset("f8k-cpu-vsepp")
+    assert (demo.optim.epochs, demo.loss.warmup_epochs, demo.optim.lr_step, demo.optim.lr_decay) == (2, 1, 1, 0.2)
+    assert (f8k.optim.epochs, f8k.loss.warmup_epochs, f8k.optim.lr_step, f8k.optim.lr_decay) == (4, 2, 2, 0.2)
+    assert preset("f8k-cpu").optim.epochs == 4 and preset("f8k-cpu").optim.lr_step == 3

@@ -51,7 +51,7 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 import numpy as np
 import pandas as pd
 
-from .config import ExperimentConfig, preset
+from .config import HARDEST_NEGATIVE_LR_FACTOR, ExperimentConfig, preset
 from .errors import ConfigError, DataError
 from .evaluate import METRIC_COLUMNS
 from .io import atomic_write_text
@@ -203,7 +203,12 @@ class AblationGrid:
             if base.optim.lr_step:
                 dotted["optim.lr_step"] = max(1, (3 * self.epochs) // 4)
         dotted.update(self.overrides)
-        return base.replace(**dotted)
+        cfg = base.replace(**dotted)
+        if cfg.loss.objective == "triplet" and base.optim.lr_step == 0 and cfg.loss.warmup_epochs:
+            # constant-lr base (the demo): the triplet backbones still drop the lr when their
+            # VSE0 warm-up ends, as the VSE++ preset does; hardest negatives at 1e-3 near-collapse
+            cfg.optim.lr_step, cfg.optim.lr_decay = cfg.loss.warmup_epochs, HARDEST_NEGATIVE_LR_FACTOR
+        return cfg
 
     def signature(self, cfg: ExperimentConfig) -> str:
         """Short hash of everything that decides a cell's result (not where it is written)."""

@@ -10,7 +10,7 @@ from typing import Optional
 import pandas as pd
 
 from .runfolder import move_run_aside
-from .config import ExperimentConfig, preset
+from .config import ExperimentConfig, preset, triplet_schedule
 
 
 def chance_metrics(n_images: int, captions_per_image: int = 5) -> dict[str, float]:
@@ -50,7 +50,9 @@ def demo_configs(data_root: str, runs: str, epochs: Optional[int] = None, smoke:
         cfg = preset(key)
         cfg.data.root = data_root
         cfg.run_dir = str(Path(runs) / f"demo_{key if key != 'demo' else 'user'}")
-        if epochs is not None:
+        if epochs is not None and key == "vsepp":
+            triplet_schedule(cfg, epochs)
+        elif epochs is not None:
             cfg.optim.epochs = epochs
             cfg.optim.lr_step = max(1, (3 * epochs) // 4)
         if smoke:
