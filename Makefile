@@ -1,5 +1,6 @@
 # userlab: two commands set everything up on a fresh machine.
-#   make demo   build demo data, train USER and a VSE++ baseline, evaluate, draw figures
+#   make demo   build demo data, train USER and a VSE++ baseline, evaluate, draw figures;
+#               then train what lessons 04-05 need (LESSONS=0 skips)
 #   make test   run every test (unit, notebooks in smoke mode, browser, the course release)
 #   make course write the student release of the notebooks (no solutions) to course/release/
 #   make book   execute the notebooks (reusing make demo's checkpoints) into a static site, build/book/site
@@ -22,6 +23,11 @@ install: $(STAMP)
 
 demo: $(STAMP)
 	$(VPY) -m userlab demo
+ifneq ($(LESSONS),0)
+	# train, once, what lessons 04 and 05 train (cached by config in runs/cache): afterwards every
+	# lesson runs in seconds. `make demo LESSONS=0` skips this (~15 min on 2 CPU cores).
+	$(VPY) scripts/build_book.py --only 04 05
+endif
 
 test: $(STAMP)
 	bash scripts/setup_browser.sh

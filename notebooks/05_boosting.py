@@ -33,14 +33,18 @@ import torch
 
 from userlab import viz
 from userlab.notebook import SMOKE, MarginRecorder, figures_dir, open_lesson
+from userlab.config import triplet_schedule_fields
+from userlab.pipeline import describe_lr_schedule
 from userlab.runs import evaluate_runs
 
 lesson = open_lesson(data_dir, runs_dir, device)
-# Full mode: 4 epochs over the first 1000 demo scenes (the first with VSE0 warm-up, see
-# `preset("vsepp")`), a few minutes per run on a 2-core CPU, once: runs are cached by config and
-# a rerun loads them. `None` trains on all 5000.
+# Full mode: 4 epochs over the first 1000 demo scenes with the kit's VSE++ recipe
+# (`triplet_schedule`: VSE0 for the first half at lr 1e-3, then hardest negatives at 2e-4; at
+# 1e-3 they near-collapse), a few minutes per run on a 2-core CPU, once: runs are cached by
+# config and a rerun loads them. `None` trains on all 5000.
 epochs = 2 if lesson.smoke else 4
-base = {"optim.epochs": epochs, "optim.lr_step": 0, "data.train_max_images": None if lesson.smoke else 1000}
+base = {**triplet_schedule_fields(epochs), "data.train_max_images": None if lesson.smoke else 1000}
+print(describe_lr_schedule(lesson.config("vsepp", **base)), "| VSE0 epochs:", base["loss.warmup_epochs"])
 
 # %% [markdown]
 # ## 1. The idea in a picture: anchor vs target

@@ -560,12 +560,17 @@ def triplet_schedule(cfg: ExperimentConfig, epochs: Optional[int] = None) -> Exp
     similarities both climb to ~0.99 and the loss sits at 2·B·margin (docs/real-data.md, and
     docs/ablation-components.md for the demo). One epoch is all VSE0.
     """
-    epochs = cfg.optim.epochs if epochs is None else int(epochs)
-    cfg.optim.epochs = epochs
-    warm = max(1, epochs // 2)
-    cfg.loss.warmup_epochs = warm
-    cfg.optim.lr_step, cfg.optim.lr_decay = warm, HARDEST_NEGATIVE_LR_FACTOR
+    for dotted, value in triplet_schedule_fields(cfg.optim.epochs if epochs is None else epochs).items():
+        section, name = dotted.split(".")
+        setattr(getattr(cfg, section), name, value)
     return cfg
+
+
+def triplet_schedule_fields(epochs: int) -> dict[str, Any]:
+    """:func:`triplet_schedule` as dotted overrides, e.g. for ``cfg.replace(**...)``."""
+    warm = max(1, int(epochs) // 2)
+    return {"optim.epochs": int(epochs), "loss.warmup_epochs": warm, "optim.lr_step": warm,
+            "optim.lr_decay": HARDEST_NEGATIVE_LR_FACTOR}
 
 
 def _cpu_sized(root: str, num_regions: int, vsepp: bool) -> ExperimentConfig:
