@@ -20,10 +20,11 @@
 
 # %% tags=["parameters"]
 # Parameters (papermill can set them). None falls back to $USERLAB_DATA / $USERLAB_RUNS /
-# $USERLAB_DEVICE, then to the demo scenes, runs/ and the best device.
+# $USERLAB_DEVICE / $USERLAB_PRESET, then to the demo scenes, runs/, the best device and "demo".
 data_dir = None   # features: a SCAN / VSE precomp folder or the output of `userlab extract`
 runs_dir = None   # checkpoints are reused from here; missing ones are trained into <runs_dir>/cache
 device = None     # "cpu", "cuda", "cuda:1", ...
+preset = None     # USER preset the models start from: "demo"; "f8k-cpu" for Flickr8k grid features
 
 # %%
 import numpy as np
@@ -35,7 +36,7 @@ from userlab.data.precomp import PrecompDataset, describe, find_precomp_dir
 from userlab.data.scenes import load_scenes
 from userlab.data.text import WordTokenizer, build_vocab, tokenize_words
 
-lesson = open_lesson(data_dir, runs_dir, device)
+lesson = open_lesson(data_dir, runs_dir, device, preset)
 
 # %% [markdown]
 # ## 1. The demo data

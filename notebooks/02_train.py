@@ -20,10 +20,11 @@
 
 # %% tags=["parameters"]
 # Parameters (papermill can set them). None falls back to $USERLAB_DATA / $USERLAB_RUNS /
-# $USERLAB_DEVICE, then to the demo scenes, runs/ and the best device.
+# $USERLAB_DEVICE / $USERLAB_PRESET, then to the demo scenes, runs/, the best device and "demo".
 data_dir = None   # features: a SCAN / VSE precomp folder or the output of `userlab extract`
 runs_dir = None   # checkpoints are reused from here; missing ones are trained into <runs_dir>/cache
 device = None     # "cpu", "cuda", "cuda:1", ...
+preset = None     # USER preset the models start from: "demo"; "f8k-cpu" for Flickr8k grid features
 
 # %%
 import torch
@@ -37,9 +38,9 @@ from userlab.models.user import RetrievalModel
 from userlab.losses import batch_hal_loss
 from userlab.train import pick_device
 
-lesson = open_lesson(data_dir, runs_dir, device)
+lesson = open_lesson(data_dir, runs_dir, device, preset)
 device = pick_device(lesson.device)
-cfg = lesson.config("demo")       # in full mode on the demo: the config `make demo` trained
+cfg = lesson.config()       # in full mode on the demo: the config `make demo` trained
 data = prepare_data(cfg)
 torch.manual_seed(cfg.optim.seed)
 model = RetrievalModel(cfg, vocab=data.vocab).to(device).train()

@@ -23,10 +23,11 @@
 
 # %% tags=["parameters"]
 # Parameters (papermill can set them). None falls back to $USERLAB_DATA / $USERLAB_RUNS /
-# $USERLAB_DEVICE, then to the demo scenes, runs/ and the best device.
+# $USERLAB_DEVICE / $USERLAB_PRESET, then to the demo scenes, runs/, the best device and "demo".
 data_dir = None   # features: a SCAN / VSE precomp folder or the output of `userlab extract`
 runs_dir = None   # checkpoints are reused from here; missing ones are trained into <runs_dir>/cache
 device = None     # "cpu", "cuda", "cuda:1", ...
+preset = None     # USER preset the models start from: "demo"; "f8k-cpu" for Flickr8k grid features
 
 # %%
 import numpy as np
@@ -38,8 +39,8 @@ from userlab.evaluate import evaluate_sims, format_table, retrieval_ranks
 from userlab.runs import encode_run
 from userlab.evaluate import similarity
 
-lesson = open_lesson(data_dir, runs_dir, device)
-cfg = lesson.config("demo")     # the run `make demo` / notebook 02 trained (trained here if missing)
+lesson = open_lesson(data_dir, runs_dir, device, preset)
+cfg = lesson.config()     # the run `make demo` / notebook 02 trained (trained here if missing)
 run = lesson.fit(cfg).load()
 img, cap, test = encode_run(run, split="test")
 sims = similarity(img, cap).cpu()

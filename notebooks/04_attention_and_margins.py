@@ -21,10 +21,11 @@
 
 # %% tags=["parameters"]
 # Parameters (papermill can set them). None falls back to $USERLAB_DATA / $USERLAB_RUNS /
-# $USERLAB_DEVICE, then to the demo scenes, runs/ and the best device.
+# $USERLAB_DEVICE / $USERLAB_PRESET, then to the demo scenes, runs/, the best device and "demo".
 data_dir = None   # features: a SCAN / VSE precomp folder or the output of `userlab extract`
 runs_dir = None   # checkpoints are reused from here; missing ones are trained into <runs_dir>/cache
 device = None     # "cpu", "cuda", "cuda:1", ...
+preset = None     # USER preset the models start from: "demo"; "f8k-cpu" for Flickr8k grid features
 
 # %%
 import matplotlib.pyplot as plt
@@ -37,7 +38,7 @@ from userlab.runs import encode_run
 from userlab.evaluate import move_batch, similarity
 from userlab.data.precomp import ImageView, collate_batch
 
-lesson = open_lesson(data_dir, runs_dir, device)
+lesson = open_lesson(data_dir, runs_dir, device, preset)
 # Full mode trains on the first 1000 demo scenes for 3 epochs: a few minutes per model on a
 # 2-core CPU, once: the runs (and the margins recorded while they trained) are cached by config,
 # so a rerun loads them. Set `train_max_images = None` to use all 5000 for sharper maps.
@@ -48,7 +49,7 @@ if not lesson.has_guide:
     variants.pop("CGE")            # CGE needs guide features ({split}_guide.npy)
 trainers, recorders = {}, {}
 for name, enhancement in variants.items():
-    cfg = lesson.config("demo", **{"model.enhancement": enhancement, "optim.epochs": epochs,
+    cfg = lesson.config(**{"model.enhancement": enhancement, "optim.epochs": epochs,
                                    "optim.lr_step": 0, "data.train_max_images": train_max_images})
     recorders[name] = MarginRecorder(name)
     trainers[name] = lesson.fit(cfg, callbacks=[recorders[name]])

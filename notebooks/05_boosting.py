@@ -21,10 +21,11 @@
 
 # %% tags=["parameters"]
 # Parameters (papermill can set them). None falls back to $USERLAB_DATA / $USERLAB_RUNS /
-# $USERLAB_DEVICE, then to the demo scenes, runs/ and the best device.
+# $USERLAB_DEVICE / $USERLAB_PRESET, then to the demo scenes, runs/, the best device and "demo".
 data_dir = None   # features: a SCAN / VSE precomp folder or the output of `userlab extract`
 runs_dir = None   # checkpoints are reused from here; missing ones are trained into <runs_dir>/cache
 device = None     # "cpu", "cuda", "cuda:1", ...
+preset = None     # USER preset the models start from: "demo"; "f8k-cpu" for Flickr8k grid features
 
 # %%
 import numpy as np
@@ -37,7 +38,7 @@ from userlab.config import triplet_schedule_fields
 from userlab.pipeline import describe_lr_schedule
 from userlab.runs import evaluate_runs
 
-lesson = open_lesson(data_dir, runs_dir, device)
+lesson = open_lesson(data_dir, runs_dir, device, preset)
 # Full mode: 4 epochs over the first 1000 demo scenes with the kit's VSE++ recipe
 # (`triplet_schedule`: VSE0 for the first half at lr 1e-3, then hardest negatives at 2e-4; at
 # 1e-3 they near-collapse), a few minutes per run on a 2-core CPU, once: runs are cached by

@@ -34,7 +34,7 @@ from typing import Optional, Sequence
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = ROOT / "notebooks"
-PARAMETER_NAMES = ("data_dir", "runs_dir", "device")
+PARAMETER_NAMES = ("data_dir", "runs_dir", "device", "preset")
 #: MathJax 2.7 from the ``jupyter-server-mathjax`` package, copied to ``site/<MATHJAX_DIR>``. The
 #: pages sit at the site's root (``use_directory_urls: false``), so the URL is relative to them.
 #: ``-full`` bundles the TeX input and the HTML-CSS output (STIX web fonts, shipped too).

@@ -181,5 +181,29 @@ def test_each_notebook_opens_with_one_parameters_cell(nb_path):
     assert len(tagged) == 1 and tagged[0] is code[0], f"{nb_path.name}: the first code cell must be the only parameters cell"
     names = {}
     exec(tagged[0].source, {}, names)   # plain assignments only
-    assert names == {"data_dir": None, "runs_dir": None, "device": None}
-    assert "open_lesson(data_dir, runs_dir, device)" in code[1].source
+    assert names == {"data_dir": None, "runs_dir": None, "device": None, "preset": None}
+    assert "open_lesson(data_dir, runs_dir, device, preset)" in code[1].source
+
+
+def test_the_preset_parameter_picks_the_lessons_config_and_reuses_a_run_trained_with_it(tmp_path, monkeypatch):
+    """A finished ``userlab train --preset f8k-cpu`` run is what the lessons load when the
+    parameters cell names that preset; an unknown name is refused with the parameter's name."""
+    from userlab.config import preset
+    from userlab.errors import ConfigError
+    from userlab.data.precomp import write_precomp_split
+    from userlab.lesson import open_lesson
+    rng = np.random.default_rng(0)
+    ims = rng.standard_normal((12, 49, 8)).astype(np.float32)
+    write_precomp_split(tmp_path / "d", "train", ims, [f"a photo number {i}" for i in range(60)],
+                        guide=rng.standard_normal((12, 8)).astype(np.float32))
+    monkeypatch.delenv("USERLAB_PRESET", raising=False)
+    lesson = open_lesson(str(tmp_path / "d"), str(tmp_path / "runs"), "cpu", smoke=False, progress=False)
+    assert lesson.preset == "demo" and lesson.config().optim.epochs == preset("demo").optim.epochs
+    lesson = open_lesson(str(tmp_path / "d"), str(tmp_path / "runs"), "cpu", "f8k-cpu", smoke=False, progress=False)
+    cfg = lesson.config()
+    assert cfg.model.enhancement == "sge+cge" and cfg.optim.epochs == preset("f8k-cpu").optim.epochs
+    assert (cfg.model.num_regions, cfg.model.region_dim) == (49, 8)      # sized to the features
+    assert lesson.config("vsepp").loss.objective == "triplet"
+    monkeypatch.setenv("USERLAB_PRESET", "f31k")
+    with pytest.raises(ConfigError, match="preset.*f31k"):
+        open_lesson(str(tmp_path / "d"), str(tmp_path / "runs"), "cpu", smoke=False, progress=False)

@@ -15,13 +15,13 @@ from typing import Any, Iterable, Optional
 
 import numpy as np
 
-from .config import ExperimentConfig, preset
+from .config import PRESETS, ExperimentConfig, preset
 from .errors import ConfigError, DataError
 
 #: Smoke mode on data other than the demo trains on the first / evaluates on the first images.
 SMOKE_TRAIN_IMAGES, SMOKE_DEV_IMAGES = 200, 100
 #: Environment variables that fill parameters left at None.
-ENV_DATA, ENV_RUNS, ENV_DEVICE = "USERLAB_DATA", "USERLAB_RUNS", "USERLAB_DEVICE"
+ENV_DATA, ENV_RUNS, ENV_DEVICE, ENV_PRESET = "USERLAB_DATA", "USERLAB_RUNS", "USERLAB_DEVICE", "USERLAB_PRESET"
 
 
 @dataclass
@@ -87,21 +87,23 @@ class Lesson:
     smoke: bool
     demo: bool
     features: FeatureInfo
+    preset: str = "demo"
 
     @property
     def has_guide(self) -> bool:
         """Guide features present (CGE can be trained)."""
         return self.features.guide_dim is not None
 
-    def config(self, name: str = "demo", **overrides: Any) -> ExperimentConfig:
-        """The ``demo`` (USER) or ``vsepp`` preset sized to these features and this mode.
+    def config(self, name: Optional[str] = None, **overrides: Any) -> ExperimentConfig:
+        """A preset (default: the lesson's, ``demo`` unless the parameters cell names another,
+        e.g. ``f8k-cpu``; ``vsepp`` for the baseline) sized to these features and this mode.
 
         On other data the model's region width, region count and guide width are read from the
         features; smoke mode shrinks batch, queue and epochs as :func:`demo_config` does, and on
         other data also trains on the first 200 images and evaluates on the first 100 dev images.
         ``overrides`` are dotted config fields, e.g. ``**{"model.enhancement": "cge"}``.
         """
-        cfg = preset(name)
+        cfg = preset(name or self.preset)
         cfg.data.root = str(self.data_root)
         cfg.optim.device = self.device
         if not self.demo:
@@ -176,7 +178,7 @@ class Lesson:
 
 
 def open_lesson(data_dir: Optional[str] = None, runs_dir: Optional[str] = None, device: Optional[str] = None,
-                smoke: Optional[bool] = None, progress: bool = True) -> Lesson:
+                preset: Optional[str] = None, smoke: Optional[bool] = None, progress: bool = True) -> Lesson:
     """Resolve a notebook's parameters cell.
 
     Args:
@@ -186,6 +188,9 @@ def open_lesson(data_dir: Optional[str] = None, runs_dir: Optional[str] = None, 
         runs_dir: where checkpoints are looked up and new ones cached (``<runs_dir>/cache/``).
             None: ``$USERLAB_RUNS``, else ``runs/`` in the project.
         device: ``auto``, ``cpu``, ``cuda``, ``cuda:1``… None: ``$USERLAB_DEVICE``, else auto.
+        preset: the config preset the lesson's USER models start from (``demo``; ``f8k-cpu``
+            for Flickr8k grid features, so that a finished ``userlab train --preset f8k-cpu``
+            run in ``runs_dir`` is reused). None: ``$USERLAB_PRESET``, else ``demo``.
         smoke: tiny data and few steps (default: ``USERLAB_SMOKE``).
     """
     from .data.precomp import find_precomp_dir
@@ -194,6 +199,10 @@ def open_lesson(data_dir: Optional[str] = None, runs_dir: Optional[str] = None, 
     data_dir = data_dir or os.environ.get(ENV_DATA) or None
     runs_dir = runs_dir or os.environ.get(ENV_RUNS) or None
     device = device or os.environ.get(ENV_DEVICE) or "auto"
+    preset_name = preset or os.environ.get(ENV_PRESET) or "demo"
+    if preset_name not in PRESETS:
+        raise ConfigError("preset", f"unknown preset {preset_name!r} (the preset parameter or "
+                                    f"${ENV_PRESET}; known: {', '.join(PRESETS)})")
     if data_dir is None:
         root, demo = demo_data(smoke, progress=progress), True
     else:
@@ -204,7 +213,7 @@ def open_lesson(data_dir: Optional[str] = None, runs_dir: Optional[str] = None, 
     runs = Path(runs_dir).expanduser() if runs_dir else repo_root() / "runs"
     runs.mkdir(parents=True, exist_ok=True)
     lesson = Lesson(data_root=Path(root), runs_root=runs, device=device, smoke=smoke, demo=demo,
-                    features=feature_info(folder))
+                    features=feature_info(folder), preset=preset_name)
     print(f"data: {folder} ({lesson.features.layout}, R={lesson.features.num_regions}) | runs: {runs} | "
-          f"device: {device} | smoke: {smoke}")
+          f"device: {device} | preset: {preset_name} | smoke: {smoke}")
     return lesson
