@@ -207,3 +207,24 @@ def test_the_preset_parameter_picks_the_lessons_config_and_reuses_a_run_trained_
     monkeypatch.setenv("USERLAB_PRESET", "f31k")
     with pytest.raises(ConfigError, match="preset.*f31k"):
         open_lesson(str(tmp_path / "d"), str(tmp_path / "runs"), "cpu", smoke=False, progress=False)
+
+
+def test_lessons_on_own_data_draw_into_a_git_ignored_folder(tmp_path):
+    """Figures of a user's photos must not overwrite the demo's committed figures."""
+    import subprocess
+    from userlab.data.precomp import write_precomp_split
+    from userlab.lesson import open_lesson
+    from userlab.notebook import figures_dir
+    ims = np.random.default_rng(0).standard_normal((6, 4, 8)).astype(np.float32)
+    write_precomp_split(tmp_path / "d", "train", ims, [f"a photo number {i}" for i in range(30)])
+    try:
+        open_lesson(str(tmp_path / "d"), str(tmp_path / "runs"), "cpu", smoke=False, progress=False)
+        own = figures_dir(smoke=False)
+        assert own == ROOT / "figures" / "own"
+        if (ROOT / ".git").exists():
+            ignored = subprocess.run(["git", "check-ignore", "-q", str(own / "x.png")], cwd=ROOT)
+            assert ignored.returncode == 0, "figures/own/ must be git-ignored"
+    finally:
+        from userlab.notebook import use_own_data_figures
+        use_own_data_figures(False)
+    assert figures_dir(smoke=False) == ROOT / "figures"

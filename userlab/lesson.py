@@ -194,7 +194,7 @@ def open_lesson(data_dir: Optional[str] = None, runs_dir: Optional[str] = None, 
         smoke: tiny data and few steps (default: ``USERLAB_SMOKE``).
     """
     from .data.precomp import find_precomp_dir
-    from .notebook import SMOKE, demo_data, repo_root
+    from .notebook import SMOKE, demo_data, repo_root, use_own_data_figures
     smoke = SMOKE if smoke is None else smoke
     data_dir = data_dir or os.environ.get(ENV_DATA) or None
     runs_dir = runs_dir or os.environ.get(ENV_RUNS) or None
@@ -210,6 +210,7 @@ def open_lesson(data_dir: Optional[str] = None, runs_dir: Optional[str] = None, 
         if not root.exists():
             raise DataError(root, "data folder not found (the data_dir parameter or $USERLAB_DATA)")
     folder = find_precomp_dir(root)
+    use_own_data_figures(not demo)
     runs = Path(runs_dir).expanduser() if runs_dir else repo_root() / "runs"
     runs.mkdir(parents=True, exist_ok=True)
     lesson = Lesson(data_root=Path(root), runs_root=runs, device=device, smoke=smoke, demo=demo,

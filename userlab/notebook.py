@@ -66,10 +66,22 @@ def demo_config(name: str = "demo", smoke: Optional[bool] = None, run: Optional[
     return cfg.replace(**overrides) if overrides else cfg
 
 
+#: Set by :func:`userlab.lesson.open_lesson`: the open lesson runs on data other than the demo's.
+_OWN_DATA = False
+
+
+def use_own_data_figures(own: bool) -> None:
+    """Route :func:`figures_dir` to ``figures/own/`` (True) or back to ``figures/`` (False)."""
+    global _OWN_DATA
+    _OWN_DATA = bool(own)
+
+
 def figures_dir(smoke: Optional[bool] = None) -> Path:
-    """``figures/`` (``figures/smoke/`` in smoke mode, which git ignores)."""
+    """``figures/`` for the demo, ``figures/smoke/`` in smoke mode and ``figures/own/`` when the
+    lesson runs on other data (both git-ignored: figures of a user's photos never overwrite the
+    demo's, and are never committed by accident)."""
     smoke = SMOKE if smoke is None else smoke
-    folder = repo_root() / "figures" / ("smoke" if smoke else "")
+    folder = repo_root() / "figures" / ("smoke" if smoke else "own" if _OWN_DATA else "")
     folder.mkdir(parents=True, exist_ok=True)
     return folder
 
