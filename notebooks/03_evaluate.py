@@ -42,7 +42,7 @@ from userlab.evaluate import similarity
 lesson = open_lesson(data_dir, runs_dir, device, preset)
 cfg = lesson.config()     # the run `make demo` / notebook 02 trained (trained here if missing)
 run = lesson.fit(cfg).load()
-img, cap, test = encode_run(run, split="test")
+img, cap, test = encode_run(run, split=lesson.eval_split)
 sims = similarity(img, cap).cpu()
 print("similarity matrix", tuple(sims.shape))
 

@@ -62,7 +62,7 @@ for name, enhancement in variants.items():
 
 # %%
 runs = {name: trainers[name].load() for name in variants}
-img, cap, test = encode_run(runs["SGE"], split="test")   # test embeddings, once (sections 6-7)
+img, cap, test = encode_run(runs["SGE"], split=lesson.eval_split)   # test embeddings, once (sections 6-7)
 n_show = min(16, test.num_images)
 batch = collate_batch([ImageView(test)[i] for i in range(n_show)])
 outputs = {}
@@ -239,7 +239,7 @@ from userlab import diagnostics as dg
 
 diag_rows = []
 for name, run in runs.items():
-    img_d, cap_d, ds = encode_run(run, split="test", progress=False)
+    img_d, cap_d, ds = encode_run(run, split=lesson.eval_split, progress=False)
     rep = dg.diagnose_embeddings(img_d, cap_d, ds)
     att = dg.collect_attention(run.model, ds)
     row = {"model": name, "hub skew t2i": rep["hubness"]["t2i"]["skewness"],

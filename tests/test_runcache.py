@@ -199,6 +199,9 @@ def test_the_preset_parameter_picks_the_lessons_config_and_reuses_a_run_trained_
     monkeypatch.delenv("USERLAB_PRESET", raising=False)
     lesson = open_lesson(str(tmp_path / "d"), str(tmp_path / "runs"), "cpu", smoke=False, progress=False)
     assert lesson.preset == "demo" and lesson.config().optim.epochs == preset("demo").optim.epochs
+    assert lesson.eval_split == "dev"                 # no test split written: evaluate on dev
+    write_precomp_split(tmp_path / "d", "test", ims[:4], [f"a photo number {i}" for i in range(20)])
+    assert lesson.eval_split == "test"
     lesson = open_lesson(str(tmp_path / "d"), str(tmp_path / "runs"), "cpu", "f8k-cpu", smoke=False, progress=False)
     cfg = lesson.config()
     assert cfg.model.enhancement == "sge+cge" and cfg.optim.epochs == preset("f8k-cpu").optim.epochs

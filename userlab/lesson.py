@@ -90,6 +90,12 @@ class Lesson:
     preset: str = "demo"
 
     @property
+    def eval_split(self) -> str:
+        """The split lessons evaluate on: ``test``, or ``dev`` where the features have no test
+        split (e.g. Flickr8k extracted from its train and dev lists only)."""
+        return "test" if (self.features.folder / "test_ims.npy").is_file() else "dev"
+
+    @property
     def has_guide(self) -> bool:
         """Guide features present (CGE can be trained)."""
         return self.features.guide_dim is not None
@@ -217,4 +223,7 @@ def open_lesson(data_dir: Optional[str] = None, runs_dir: Optional[str] = None, 
                     features=feature_info(folder), preset=preset_name)
     print(f"data: {folder} ({lesson.features.layout}, R={lesson.features.num_regions}) | runs: {runs} | "
           f"device: {device} | preset: {preset_name} | smoke: {smoke}")
+    if lesson.eval_split != "test":
+        print(f"no test split in {folder}: the lessons evaluate on '{lesson.eval_split}' (the split "
+              f"models are selected on, so its numbers are optimistic)")
     return lesson
