@@ -94,3 +94,27 @@ def test_f8k_vsepp_preset_uses_hardest_negatives_only_at_a_low_learning_rate():
     assert user.model.num_regions == 49 and user.optim.epochs == cfg.optim.epochs
     for name in ("region_dim", "num_regions", "embed_size", "mlp_hidden", "word_dim"):
         assert getattr(user.model, name) == getattr(cfg.model, name)
+
+
+def test_a_collapsed_run_gets_each_warning_once(tmp_path):
+    """The batch check and the watch each warn once per run, not at every logged step."""
+    import warnings
+    data = tiny_data(tmp_path / "data")
+    cfg = tiny_config(data, tmp_path / "run", **{"optim.epochs": 2})
+    trainer = Trainer(cfg, progress=False)
+    trainer.collapse_watch.patience = 2
+    original = trainer.model.forward
+
+    def crowded(batch):
+        loss, outputs = original(batch)
+        outputs["sim"] = near_collapsed_sim(outputs["sim"].shape[0], seed=trainer.step)
+        return loss, outputs
+
+    trainer.model.forward = crowded
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit()
+    messages = [str(w.message) for w in caught if issubclass(w.category, CollapseWarning)]
+    assert trainer.step >= 6
+    assert sum("near-collapse since" in m for m in messages) == 1
+    assert sum("differ by less than" in m for m in messages) == 1, messages

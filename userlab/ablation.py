@@ -280,6 +280,13 @@ def smoke_grid(data_root: Optional[str] = None, out_dir: str = "runs/ablation_sm
                         epochs=1, data_root=data_root, out_dir=out_dir, base=base, max_steps=max_steps)
 
 
+def _quiet_warnings() -> None:
+    """Worker processes print warnings as the command line does: one line, no source line."""
+    import warnings
+    from .errors import one_line_warning
+    warnings.formatwarning = one_line_warning
+
+
 # -- training-subset folder -------------------------------------------------------------------------
 def _source_fingerprint(folder: Path, split: str) -> dict[str, Any]:
     files = sorted(folder.glob(f"{split}_*"))
@@ -549,7 +556,7 @@ def run_ablation(grid: AblationGrid, progress: bool = True, resume: bool = True,
         import multiprocessing
         from concurrent.futures import ProcessPoolExecutor, as_completed
         ctx = multiprocessing.get_context("spawn")  # fork would copy torch's thread pools
-        with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
+        with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_quiet_warnings) as pool:
             futures = {pool.submit(train_and_test_cell, grid, b, s, k, False, resume, threads): i
                        for i, b, s, k in todo}
             for future in as_completed(futures):

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from .config import ExperimentConfig, preset, set_dotted
-from .errors import ConfigError, UserlabError
+from .errors import ConfigError, UserlabError, one_line_warning
 
 
 def parse_value(text: str) -> Any:
@@ -285,18 +285,13 @@ COMMANDS = {"diagnose": cmd_diagnose, "train": cmd_train, "eval": cmd_eval, "ext
             "ablate": cmd_ablate, "lab": cmd_lab}
 
 
-def _one_line_warning(message, category, filename, lineno, line=None) -> str:
-    """Warnings as ``userlab: <Category>: message`` (no file name and source line of the kit)."""
-    return f"userlab: {category.__name__}: {message}\n"
-
-
 def main(argv: Optional[Sequence[str]] = None) -> int:
     from .interrupt import TrainingInterrupted
     parser = make_parser()
     args = parser.parse_args(argv)
     previous_format = warnings.formatwarning
     if not args.debug:
-        warnings.formatwarning = _one_line_warning
+        warnings.formatwarning = one_line_warning
     try:
         return COMMANDS[args.command](args)
     except TrainingInterrupted as exc:

@@ -81,3 +81,9 @@ class DataMismatchError(DataError):
     """Data that is well-formed but not the data it should be: a split that differs from the one a
     run was trained beside, runs of an ensemble evaluated on different data, a vocabulary built
     from other captions."""
+
+
+def one_line_warning(message, category, filename, lineno, line=None) -> str:
+    """Warnings as ``userlab: <Category>: message`` (no file name and source line of the kit);
+    a ``warnings.formatwarning`` for the command line and its worker processes."""
+    return f"userlab: {category.__name__}: {message}\n"

@@ -311,6 +311,7 @@ class Trainer:
         self.best_rsum = -math.inf
         self.history: list[dict[str, float]] = []
         self.collapse_watch = CollapseWatch(margin=cfg.loss.margin)  # pos ~ neg ~ 1 for many steps
+        self._collapse_warned = False
         self.step_log = CSVLog(self.run_dir / "train_log.csv", key="step")
         self.eval_log = CSVLog(self.run_dir / "eval_log.csv", key="epoch")
         self.writer = None
@@ -502,7 +503,8 @@ class Trainer:
         if not with_row and not self.guard.last_skipped:  # a skipped step is always logged
             return None
         sim = outputs["sim"].detach().float()
-        check_collapse(sim)
+        if not self._collapse_warned:       # once per run: the state persists, the message need not
+            self._collapse_warned = check_collapse(sim)
         self.collapse_watch.update(sim, self.step)   # counts the steps that make a row
         diag_sum = sim.diagonal().sum()
         names = list(loss.terms)
