@@ -1,6 +1,7 @@
 """The Trainer: a short run learns, resume after SIGKILL is exact, DDP keeps ranks identical."""
 from __future__ import annotations
 
+import json
 import os
 import random
 import signal
@@ -163,3 +164,26 @@ def test_train_max_images_trains_on_the_first_images_only(tmp_path):
     assert part.train.num_images == 10 and len(part.val) == len(full.val)
     # the first 10 images' captions, in the same order
     assert [part.train[i]["image_id"] for i in range(0, 50, 5)] == [full.train[i]["image_id"] for i in range(0, 50, 5)]
+
+
+def test_training_on_a_read_only_data_folder_keeps_the_vocabulary_in_the_run(tmp_path, monkeypatch):
+    """A shared, read-only feature folder: the vocabulary cannot be written beside the data, so
+    training says so and carries on; the checkpoint holds the vocabulary for evaluation."""
+    import errno
+    import warnings
+    from userlab.checkpoint import VOCAB_FILE
+    from userlab.data.text import Vocabulary
+    data = tiny_data(tmp_path / "data")
+
+    def read_only(self, path):   # what a read-only mount answers (root would not see EACCES)
+        raise OSError(errno.EROFS, "Read-only file system", str(path))
+
+    monkeypatch.setattr(Vocabulary, "save", read_only)
+    cfg = tiny_config(data, tmp_path / "run", **{"optim.epochs": 1})
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        Trainer(cfg, progress=False).fit()
+    assert any("could not write the word vocabulary (Read-only file system)" in str(w.message) for w in caught)
+    assert not list(data.rglob("vocab.json"))
+    saved = list((tmp_path / "run" / "checkpoints").rglob(VOCAB_FILE))
+    assert saved and json.loads(saved[0].read_text())

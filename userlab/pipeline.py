@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Optional
@@ -39,7 +40,12 @@ def load_vocabulary(cfg: ExperimentConfig, folder: Path) -> Vocabulary:
         check_vocab_coverage(vocab, captions, path, train.caps_path)
         return vocab
     vocab = build_vocab(captions, threshold=cfg.data.vocab_threshold)
-    vocab.save(path)
+    try:
+        vocab.save(path)
+    except OSError as exc:  # a read-only data folder: the run keeps its vocabulary in its checkpoints
+        warnings.warn(f"{path}: could not write the word vocabulary ({exc.strerror or exc}); it is "
+                      f"rebuilt from the training captions on each run and stored in every checkpoint "
+                      f"(set data.vocab_path to keep one elsewhere)", UserWarning, stacklevel=2)
     return vocab
 
 
