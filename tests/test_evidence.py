@@ -41,6 +41,8 @@ def test_best_checkpoint_after_warmup(tmp_path, monkeypatch, one_thread, objecti
     row = what_ran("X", cfg)
     assert row["checkpoint"].startswith(f"best dev: epoch {expect_epoch} of ")
     assert row["enhancement"] == "none"
+    # tiny_config: lr 1e-3 with x0.1 after 2 epochs, so both epochs here ran at 1e-3
+    assert row["lr"].startswith("constant lr 0.001 for 2 epochs")
     if objective == "triplet":
         assert row["queue"] == "none"
         assert ("warm-up" in row["objective"]) == (warmup > 0)

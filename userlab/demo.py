@@ -116,7 +116,7 @@ def run_demo(out: str = "data/demo", runs: str = "runs", figures: str = "figures
 
 
 #: Columns :func:`what_ran` adds to the demo table.
-RAN_COLUMNS = ("enhancement", "objective", "queue", "epochs", "checkpoint")
+RAN_COLUMNS = ("enhancement", "objective", "queue", "epochs", "lr", "checkpoint")
 
 
 def what_ran(name: str, cfg: ExperimentConfig) -> dict[str, str]:
@@ -124,10 +124,12 @@ def what_ran(name: str, cfg: ExperimentConfig) -> dict[str, str]:
 
     ``enhancement`` (none / sge / cge / sge+cge), ``objective`` (UTO, or the triplet with its
     VSE0 warm-up epochs), ``queue`` (two queues of N keys, or none), ``epochs`` trained and
+    ``lr`` (the schedule in words, :func:`userlab.pipeline.describe_lr_schedule`) and
     ``checkpoint`` (the epoch of the reported ``best`` checkpoint and the epochs it was chosen
     from: after the warm-up when the warm-up changes the objective).
     """
     from . import checkpoint as ckpt
+    from .pipeline import describe_lr_schedule
     run = Path(cfg.run_dir)
     saved = run / "config.json"
     if saved.is_file():
@@ -156,7 +158,7 @@ def what_ran(name: str, cfg: ExperimentConfig) -> dict[str, str]:
     except Exception:  # noqa: BLE001 - a missing checkpoint just leaves the cell empty
         pass
     return {"model": name, "enhancement": cfg.model.enhancement, "objective": objective, "queue": queue,
-            "epochs": str(cfg.optim.epochs), "checkpoint": checkpoint}
+            "epochs": str(cfg.optim.epochs), "lr": describe_lr_schedule(cfg), "checkpoint": checkpoint}
 
 
 def format_what_ran(ran: pd.DataFrame) -> str:
