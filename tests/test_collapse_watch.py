@@ -60,20 +60,24 @@ def test_the_watch_stays_silent_on_healthy_and_random_start_batches_and_on_blips
     assert watch.since_step is None
 
 
-def test_trainer_flags_a_near_collapsed_run(tmp_path):
+def crowded_trainer(tmp_path, epochs: int) -> Trainer:
+    """A tiny run whose loss trains as usual but whose logged similarities are near-collapsed."""
     data = tiny_data(tmp_path / "data")
-    cfg = tiny_config(data, tmp_path / "run", **{"optim.epochs": 1})
-    trainer = Trainer(cfg, progress=False)
+    trainer = Trainer(tiny_config(data, tmp_path / "run", **{"optim.epochs": epochs}), progress=False)
     trainer.collapse_watch.patience = 2
     original = trainer.model.forward
 
-    def crowded(batch):   # the loss trains as usual; the logged similarities are collapsed
+    def crowded(batch):
         loss, outputs = original(batch)
-        b = outputs["sim"].shape[0]
-        outputs["sim"] = near_collapsed_sim(b, seed=trainer.step)
+        outputs["sim"] = near_collapsed_sim(outputs["sim"].shape[0], seed=trainer.step)
         return loss, outputs
 
     trainer.model.forward = crowded
+    return trainer
+
+
+def test_trainer_flags_a_near_collapsed_run(tmp_path):
+    trainer = crowded_trainer(tmp_path, epochs=1)
     with pytest.warns(CollapseWarning, match="near-collapse since step 0"):
         trainer.fit()
     assert trainer.collapse_watch.since_step == 0
@@ -99,18 +103,7 @@ def test_f8k_vsepp_preset_uses_hardest_negatives_only_at_a_low_learning_rate():
 def test_a_collapsed_run_gets_each_warning_once(tmp_path):
     """The batch check and the watch each warn once per run, not at every logged step."""
     import warnings
-    data = tiny_data(tmp_path / "data")
-    cfg = tiny_config(data, tmp_path / "run", **{"optim.epochs": 2})
-    trainer = Trainer(cfg, progress=False)
-    trainer.collapse_watch.patience = 2
-    original = trainer.model.forward
-
-    def crowded(batch):
-        loss, outputs = original(batch)
-        outputs["sim"] = near_collapsed_sim(outputs["sim"].shape[0], seed=trainer.step)
-        return loss, outputs
-
-    trainer.model.forward = crowded
+    trainer = crowded_trainer(tmp_path, epochs=2)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         trainer.fit()
