@@ -56,10 +56,12 @@ def main() -> None:
     # variants run in their own folders get their own names, so that steps can pair them
     variant = {"ablation_attention_l2": "+SGE, l2 attention (lambda 10)",
                "ablation_dbl_alpha": "full USER + DBL absolute (alpha 1/64)",
-               "ablation_dbl_alpha4096": "full USER + DBL absolute (alpha 1/4096)"}
+               "ablation_dbl_alpha4096": "full USER + DBL absolute (alpha 1/4096)",
+               "ablation_ladder_l2": "full USER, l2 attention (lambda 10)"}
     for grid, name in variant.items():
         df.loc[df["grid"] == grid, "backbone"] = name
         df.loc[df["grid"] == grid, "strategy"] = "none"
+    df = df[df["strategy"] == "none"]   # DBL / distillation / mutual cells: scripts/dbl_report.py
     rows = []
     for _, r in df.iterrows():
         rep = cell_report(r["run_dir"], args.data, r["tag"])
@@ -100,7 +102,8 @@ def main() -> None:
     steps = ablation.component_steps(df, steps=ablation.COMPONENT_STEPS + (
         ("+SGE, l2 attention (lambda 10)", "+SGE"), ("+SGE, l2 attention (lambda 10)", "VSE++"),
         ("full USER + DBL absolute (alpha 1/64)", "full USER"),
-        ("full USER + DBL absolute (alpha 1/4096)", "full USER")))
+        ("full USER + DBL absolute (alpha 1/4096)", "full USER"),
+        ("full USER, l2 attention (lambda 10)", "full USER"), ("full USER, l2 attention (lambda 10)", "+CGE")))
     if len(steps):
         print("\n## component steps\n")
         print(ablation.format_steps(steps))

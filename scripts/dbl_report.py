@@ -44,7 +44,9 @@ def read_arms(folders: list[str], backbone: str) -> pd.DataFrame:
 
 def comparisons(arms: list[str], alone: str) -> list[tuple[str, str]]:
     """(with, without) pairs: every arm against training alone; each DBL arm against the
-    distillation and mutual-learning arms of the same schedule (equal compute)."""
+    distillation and mutual-learning arms of the same schedule (equal compute) and absolute
+    against relative boosting; every arm against the single model trained for twice the
+    epochs (``VSE++, 4 epochs``: the compute of two branches), when that folder is given."""
     pairs = [(a, alone) for a in arms if a != alone]
     for a in arms:
         if "DBL" not in a:
@@ -53,10 +55,13 @@ def comparisons(arms: list[str], alone: str) -> list[tuple[str, str]]:
         for b in arms:
             if b != a and b.endswith(schedule) and ("distillation" in b or "mutual" in b):
                 pairs.append((a, b))
-        if "DBL relative" in a:
-            other = a.replace("DBL relative", "DBL absolute")
+        if "DBL absolute" in a:
+            other = a.replace("DBL absolute", "DBL relative")
             if other in arms:
                 pairs.append((a, other))
+    # the single model trained at the compute of two branches (twice the epochs), if it ran
+    for longer in (x for x in arms if x.startswith(f"{alone}, ") and "+" not in x):
+        pairs += [(a, longer) for a in arms if a not in (alone, longer)]
     return pairs
 
 
