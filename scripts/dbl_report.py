@@ -60,7 +60,7 @@ def comparisons(arms: list[str], alone: str) -> list[tuple[str, str]]:
             if other in arms:
                 pairs.append((a, other))
     # the single model trained at the compute of two branches (twice the epochs), if it ran
-    for longer in (x for x in arms if x.startswith(f"{alone}, ") and "+" not in x):
+    for longer in (x for x in arms if x.startswith(f"{alone}, ") and " + " not in x):
         pairs += [(a, longer) for a in arms if a not in (alone, longer)]
     return pairs
 
