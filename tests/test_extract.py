@@ -292,11 +292,10 @@ def test_image_dataset_reports_bad_files_by_name(data, tmp_path):
 # ---------------------------------------------------------------------------------------------
 # Other formats and region modes
 # ---------------------------------------------------------------------------------------------
-def test_coco_testall_and_its_first_images_as_test(tmp_path, monkeypatch):
-    monkeypatch.setattr(captions_module, "COCO_TEST_1K", 2)
-    root = tmp_path / "coco"
-    ids = {"train2014": [11, 12], "val2014": [21, 22, 23, 24]}
-    kp = []
+def write_coco(root: Path, ids: dict[str, list[int]], captions_per_image: int = 5) -> list[str]:
+    """COCO's layout: ``<root>/<folder>/COCO_<folder>_<id>.jpg`` and ``captions_<folder>.json``
+    for each ``folder -> image ids``; returns the caption files' paths."""
+    files = []
     for folder, numbers in ids.items():
         (root / folder).mkdir(parents=True)
         images, anns = [], []
@@ -304,11 +303,24 @@ def test_coco_testall_and_its_first_images_as_test(tmp_path, monkeypatch):
             name = f"COCO_{folder}_{i:012d}.jpg"
             _picture("RGB", (40 + i, 32), i).save(root / folder / name)
             images.append({"id": i, "file_name": name})
-            anns += [{"image_id": i, "caption": f"coco image {i} caption {k}"} for k in range(6)]
+            anns += [{"image_id": i, "caption": f"coco image {i} caption {k}"} for k in range(captions_per_image)]
+        path = root / f"captions_{folder}.json"
+        path.write_text(json.dumps({"images": images, "annotations": anns}))
+        files.append(str(path))
+    return files
+
+
+def test_coco_testall_and_its_first_images_as_test(tmp_path, monkeypatch):
+    monkeypatch.setattr(captions_module, "COCO_TEST_1K", 2)
+    root = tmp_path / "coco"
+    ids = {"train2014": [11, 12], "val2014": [21, 22, 23, 24]}
+    write_coco(root, ids, captions_per_image=6)
+    kp = []
+    for folder, numbers in ids.items():
+        for i in numbers:
             split = "train" if folder == "train2014" else ("val" if i == 21 else "test")
-            kp.append({"filename": name, "filepath": folder, "split": split, "cocoid": i,
-                       "imgid": len(kp), "sentences": [{"raw": "unused"}] * 5})
-        (root / f"captions_{folder}.json").write_text(json.dumps({"images": images, "annotations": anns}))
+            kp.append({"filename": f"COCO_{folder}_{i:012d}.jpg", "filepath": folder, "split": split,
+                       "cocoid": i, "imgid": len(kp), "sentences": [{"raw": "unused"}] * 5})
     (root / "dataset_coco.json").write_text(json.dumps({"images": kp, "dataset": "coco"}))
     out = extract_dataset("coco", [str(root / "captions_train2014.json"), str(root / "captions_val2014.json")],
                           str(root), str(tmp_path / "out"), split_files=str(root / "dataset_coco.json"),

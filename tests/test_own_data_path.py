@@ -20,8 +20,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from test_extract import (IMAGES, SIDE, SPLITS, _args, _caption, _picture, _write_dataset,
-                          counting_feature_rows)
+from test_extract import (IMAGES, SIDE, SPLITS, _args, _caption, _write_dataset,
+                          counting_feature_rows, write_coco)
 from tiny import tiny_config, tiny_data
 from userlab import cli
 from userlab.data import extract as extract_module
@@ -144,25 +144,9 @@ def test_dev_list_repeated_as_test_is_extracted_once(dataset, tmp_path):
 # ---------------------------------------------------------------------------------------------
 # No dev split: COCO with its val images as test
 # ---------------------------------------------------------------------------------------------
-def _coco(root: Path, ids: dict[str, list[int]]) -> list[str]:
-    files = []
-    for folder, numbers in ids.items():
-        (root / folder).mkdir(parents=True)
-        images, anns = [], []
-        for i in numbers:
-            name = f"COCO_{folder}_{i:012d}.jpg"
-            _picture("RGB", (40 + i, 32), i).save(root / folder / name)
-            images.append({"id": i, "file_name": name})
-            anns += [{"image_id": i, "caption": f"coco image {i} caption {k}"} for k in range(5)]
-        path = root / f"captions_{folder}.json"
-        path.write_text(json.dumps({"images": images, "annotations": anns}))
-        files.append(str(path))
-    return files
-
-
 def test_coco_val_as_test_gets_a_dev_split_carved_from_train_and_trains(tmp_path):
     root = tmp_path / "coco"
-    files = _coco(root, {"train2014": list(range(1, 21)), "val2014": [31, 32]})
+    files = write_coco(root, {"train2014": list(range(1, 21)), "val2014": [31, 32]})
     with pytest.warns(UserWarning, match=r"no dev split: the last 2 of the 20 train images form 'dev'"):
         out = extract_dataset("coco", files, str(root), str(tmp_path / "data"), coco_val_split="test",
                               chunk_size=4, batch_size=4, num_workers=0, input_size=SIDE,
